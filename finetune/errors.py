@@ -1,0 +1,32 @@
+"""The toolkit's own exceptions: every error a user can cause is one of these, with a message that names
+the bad file or value and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class FinetuneError(Exception):
+    """Base class of every error the toolkit raises on purpose."""
+
+
+class DatasetError(FinetuneError, ValueError):
+    """The image folder cannot be used as given (missing, empty, one class, ...)."""
+
+
+class ImageDecodeError(FinetuneError):
+    """One image file cannot be decoded; training skips it and names it."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"cannot decode image {path}: {reason}")
+
+    def __reduce__(self) -> tuple[type, tuple[Path, str]]:
+        # Exception pickling replays __init__ with self.args (the message alone); DataLoader workers and
+        # multiprocessing need the two real arguments back.
+        return (type(self), (self.path, self.reason))
+
+
+class RecipeError(FinetuneError, ValueError):
+    """A recipe, recipe file or override is invalid."""

@@ -1,0 +1,178 @@
+"""A pretrained timm backbone with a fresh head, its stage groups and its per-group learning rates.
+
+Stages come from timm's own coarse grouping (``group_matcher(coarse=True)``): the stem, then one group per
+stage, then the classifier. "The top two stages" therefore means the same thing on every architecture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from timm.models import group_parameters
+from torch import nn
+
+
+class MultiStageHead(nn.Module):
+    """Linear classifier on globally pooled features of several stages, concatenated.
+
+    Top-layer features are specific to the pretraining task; earlier stages carry more generic texture and
+    shape information, which is what a small, different target data set needs. Each stage's features live
+    on their own scale, so they are standardised (BatchNorm1d) before the linear layer.
+    """
+
+    def __init__(self, in_features: list[int], num_classes: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.in_features = list(in_features)
+        total = sum(in_features)
+        self.norm = nn.BatchNorm1d(total)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(total, num_classes)
+
+    def forward(self, pooled: list[torch.Tensor]) -> torch.Tensor:
+        return self.fc(self.drop(self.norm(torch.cat(pooled, dim=1))))
+
+
+class Classifier(nn.Module):
+    """``backbone`` is a timm model. With ``head="linear"`` its own classifier is the head (plain timm can
+    load the weights); with ``head="multistage"`` timm's classifier is removed and a MultiStageHead reads
+    the last ``head_stages`` feature stages plus the final pooled features."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        head: str = "linear",
+        head_stages: int = 3,
+        head_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+        self.backbone = backbone
+        self.head_kind = head
+        self.num_classes = num_classes
+        if head == "linear":
+            self.head_stages: list[int] = []
+            if backbone.num_classes != num_classes or _needs_reset(backbone):
+                backbone.reset_classifier(num_classes)
+            if head_dropout:
+                backbone.drop_rate = head_dropout  # timm applies drop_rate before its classifier
+            self.multistage = None
+        elif head == "multistage":
+            n_levels = len(backbone.feature_info)
+            if not 1 <= head_stages <= n_levels:
+                raise ValueError(f"head_stages={head_stages}: {type(backbone).__name__} has {n_levels} feature stages")
+            self.head_stages = list(range(n_levels - head_stages, n_levels))
+            backbone.reset_classifier(0)
+            channels = [backbone.feature_info[i]["num_chs"] for i in self.head_stages] + [backbone.num_features]
+            self.multistage = MultiStageHead(channels, num_classes, head_dropout)
+        else:
+            raise ValueError(f"head must be 'linear' or 'multistage', got {head!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.multistage is None:
+            return self.backbone(x)
+        final, intermediates = self.backbone.forward_intermediates(x, indices=self.head_stages)
+        pooled = [f.float().mean(dim=(2, 3)) for f in intermediates]
+        pooled.append(self.backbone.forward_head(final, pre_logits=True).float())
+        return self.multistage(pooled)
+
+    # --- groups -----------------------------------------------------------------------------------
+    def head_parameter_names(self) -> list[str]:
+        if self.multistage is not None:
+            return [f"multistage.{n}" for n, _ in self.multistage.named_parameters()]
+        classifier = self.backbone.get_classifier()
+        ids = {id(p) for p in classifier.parameters()}
+        return [f"backbone.{n}" for n, p in self.backbone.named_parameters() if id(p) in ids]
+
+    def stage_groups(self) -> list[list[str]]:
+        """Parameter names of the pretrained backbone, one list per stage, stem first, head excluded."""
+        head = set(self.head_parameter_names())
+        groups = group_parameters(self.backbone, self.backbone.group_matcher(coarse=True))
+        stages = []
+        for _, names in sorted(groups.items()):
+            names = [f"backbone.{n}" for n in names if f"backbone.{n}" not in head]
+            if names:
+                stages.append(names)
+        return stages
+
+    def set_trainable(self, unfrozen_stages: int) -> None:
+        """Freeze every pretrained stage except the top ``unfrozen_stages`` (-1 = all); the head always trains.
+
+        Frozen parameters get ``requires_grad=False`` (no gradient, so no optimizer state), and their
+        BatchNorm layers are kept in eval mode by :meth:`train`.
+        """
+        stages = self.stage_groups()
+        n = len(stages) if unfrozen_stages < 0 else min(unfrozen_stages, len(stages))
+        trainable = {name for group in stages[len(stages) - n:] for name in group}
+        trainable.update(self.head_parameter_names())
+        for name, p in self.named_parameters():
+            p.requires_grad_(name in trainable)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> Classifier:
+        """Like ``nn.Module.train``, but modules whose parameters are all frozen stay in eval mode.
+
+        Lightning calls ``.train()`` at the start of every training epoch; without this, frozen BatchNorm
+        layers would update their running statistics from target-domain batches (Lightning's own
+        ``BackboneFinetuning`` has exactly that bug).
+        """
+        super().train(mode)
+        if mode:
+            for module in self.backbone.modules():
+                params = list(module.parameters())
+                if params and not any(p.requires_grad for p in params):
+                    module.eval()
+        return self
+
+
+def _needs_reset(backbone: nn.Module) -> bool:
+    # A head that came with the pretrained weights (same class count by coincidence) must still be new.
+    return getattr(backbone, "pretrained_cfg", {}).get("num_classes") == backbone.num_classes
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    name: str
+    params: list[nn.Parameter]
+    lr: float
+    weight_decay: float
+    start_epoch: int  # when this group starts training (its warm-up starts then)
+
+
+def param_groups(
+    model: Classifier,
+    *,
+    lr: float,
+    backbone_lr_scale: float,
+    layer_decay: float,
+    weight_decay: float,
+    unfreeze_stages: int,
+    freeze_epochs: int,
+) -> list[GroupSpec]:
+    """One group for the head and one per pretrained stage (top stage at ``lr * backbone_lr_scale``, each
+    stage below ``layer_decay`` times the one above). Biases and norm weights get no weight decay.
+    Stages that are never unfrozen are left out, so they never get optimizer state."""
+    named = dict(model.named_parameters())
+    stages = model.stage_groups()
+    n = len(stages) if unfreeze_stages < 0 else min(unfreeze_stages, len(stages))
+    specs: list[GroupSpec] = []
+    head = model.head_parameter_names()
+    specs.extend(_split_decay("head", [named[k] for k in head], lr, weight_decay, 0))
+    for depth, names in enumerate(reversed(stages[len(stages) - n:])):
+        stage_lr = lr * backbone_lr_scale * layer_decay**depth
+        index = len(stages) - 1 - depth
+        specs.extend(_split_decay(f"stage{index}", [named[k] for k in names], stage_lr, weight_decay, freeze_epochs))
+    return specs
+
+
+def _split_decay(name: str, params: list[nn.Parameter], lr: float, wd: float, start: int) -> list[GroupSpec]:
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    out = []
+    if decay:
+        out.append(GroupSpec(name, decay, lr, wd, start))
+    if no_decay:
+        out.append(GroupSpec(f"{name}.no_decay", no_decay, lr, 0.0, start))
+    return out

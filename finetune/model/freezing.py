@@ -1,0 +1,50 @@
+"""The freeze/unfreeze schedule as a Lightning callback that saves its phase in checkpoints."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytorch_lightning as pl
+
+log = logging.getLogger("finetune")
+
+
+class StagedFinetuning(pl.Callback):
+    """Train the head alone for ``freeze_epochs`` epochs, then unfreeze the top ``unfreeze_stages`` stages
+    (-1 = all, 0 = never).
+
+    Unlike Lightning's ``BackboneFinetuning`` the optimizer is built once with every group it will ever
+    need (see ``param_groups``): a frozen parameter simply has no gradient, so AdamW/SGD keep no state for
+    it, and the scheduler gives each group its own warm-up from the epoch it starts training. The phase is
+    a function of the epoch and is also saved, so a resumed run continues in the right phase.
+    """
+
+    def __init__(self, freeze_epochs: int, unfreeze_stages: int) -> None:
+        self.freeze_epochs = freeze_epochs
+        self.unfreeze_stages = unfreeze_stages
+        self.phase = "head"
+
+    def phase_for_epoch(self, epoch: int) -> str:
+        return "finetune" if self.unfreeze_stages != 0 and epoch >= self.freeze_epochs else "head"
+
+    def _apply(self, pl_module: pl.LightningModule, epoch: int) -> None:
+        phase = self.phase_for_epoch(epoch)
+        classifier = pl_module.classifier
+        classifier.set_trainable(self.unfreeze_stages if phase == "finetune" else 0)
+        if phase != self.phase:
+            trainable = sum(p.numel() for p in classifier.parameters() if p.requires_grad)
+            log.info("epoch %d: %s phase, %s trainable parameters", epoch, phase, f"{trainable:,}")
+        self.phase = phase
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._apply(pl_module, trainer.current_epoch)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._apply(pl_module, trainer.current_epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"phase": self.phase, "freeze_epochs": self.freeze_epochs, "unfreeze_stages": self.unfreeze_stages}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.phase = state_dict.get("phase", self.phase)

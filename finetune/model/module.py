@@ -1,0 +1,135 @@
+"""The LightningModule: loss, optimizer with per-group rates, warm-up + cosine schedule, metrics."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from .classifier import Classifier, GroupSpec, param_groups
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    backbone_lr_scale: float = 0.1
+    layer_decay: float = 1.0
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    warmup_epochs: float = 0.5
+    min_lr_ratio: float = 0.01
+    label_smoothing: float = 0.0
+    freeze_epochs: int = 0
+    unfreeze_stages: int = 0
+
+
+def make_metrics(num_classes: int) -> MetricCollection:
+    metrics = {
+        "acc": MulticlassAccuracy(num_classes, average="micro"),
+        # balanced accuracy is the mean of per-class recalls, i.e. macro-averaged accuracy
+        "balanced_acc": MulticlassAccuracy(num_classes, average="macro"),
+        "macro_f1": MulticlassF1Score(num_classes, average="macro"),
+    }
+    if num_classes >= 5:
+        metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    return MetricCollection(metrics)
+
+
+def warmup_cosine(step: int, start: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier for a group that starts training at ``start``: 0 before, linear warm-up over
+    ``warmup`` steps, then cosine decay to ``min_ratio`` at ``total``."""
+    if step < start:
+        return 0.0
+    step -= start
+    if step < warmup:
+        return (step + 1) / warmup
+    remaining = max(1, total - start - warmup)
+    progress = min(1.0, (step - warmup) / remaining)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class TransferModule(pl.LightningModule):
+    def __init__(self, classifier: Classifier, optim: OptimConfig, channels_last: bool = False) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.optim = optim
+        self.channels_last = channels_last
+        self.train_metrics = make_metrics(classifier.num_classes).clone(prefix="train/")
+        self.val_metrics = make_metrics(classifier.num_classes).clone(prefix="val/")
+        self.test_metrics = make_metrics(classifier.num_classes).clone(prefix="test/")
+        self.skipped_files: set[str] = set()
+        self.group_specs: list[GroupSpec] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.classifier(x)
+
+    def _step(self, batch, metrics: MetricCollection, stage: str):
+        images, labels, skipped = batch
+        self.skipped_files.update(skipped)
+        if images.shape[0] == 0:  # every image of this batch failed to decode
+            return None
+        logits = self(images)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.optim.label_smoothing)
+        metrics.update(logits.float(), labels)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, batch_size=len(labels))
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val")
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, self.train_metrics, "train")
+
+    def validation_step(self, batch, batch_idx):
+        return self._step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch, batch_idx):
+        return self._step(batch, self.test_metrics, "test")
+
+    def configure_optimizers(self):
+        o = self.optim
+        self.group_specs = param_groups(
+            self.classifier, lr=o.lr, backbone_lr_scale=o.backbone_lr_scale, layer_decay=o.layer_decay,
+            weight_decay=o.weight_decay, unfreeze_stages=o.unfreeze_stages, freeze_epochs=o.freeze_epochs,
+        )
+        groups = [{"params": g.params, "lr": g.lr, "weight_decay": g.weight_decay, "name": g.name}
+                  for g in self.group_specs]
+        if o.optimizer == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=True)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=o.lr)
+        steps_per_epoch = max(1, self.trainer.estimated_stepping_batches // max(1, self.trainer.max_epochs))
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = max(1, round(o.warmup_epochs * steps_per_epoch)) if o.warmup_epochs else 0
+        lambdas = [
+            _GroupSchedule(g.start_epoch * steps_per_epoch, warmup, total, o.min_lr_ratio) for g in self.group_specs
+        ]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def trainable_summary(self) -> dict[str, int]:
+        total = sum(p.numel() for p in self.classifier.parameters())
+        trainable = sum(p.numel() for p in self.classifier.parameters() if p.requires_grad)
+        return {"total": total, "trainable": trainable}
+
+
+class _GroupSchedule:
+    """A picklable per-group LR lambda (LambdaLR's state_dict stores callable objects' __dict__)."""
+
+    def __init__(self, start: int, warmup: int, total: int, min_ratio: float) -> None:
+        self.start, self.warmup, self.total, self.min_ratio = start, warmup, total, min_ratio
+
+    def __call__(self, step: int) -> float:
+        return warmup_cosine(step, self.start, self.warmup, self.total, self.min_ratio)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,215 @@
+"""Recipes: the four transfer-learning cases as data.
+
+A recipe is a frozen dataclass. The built-in ones live in the top-level ``recipes/`` folder as TOML files
+(shipped inside the wheel as ``finetune/_recipes``); any other TOML file with the same keys is a recipe too.
+Overrides go field by field (``recipe.override({"lr": "3e-4"})`` or ``dataclasses.replace``) and are
+validated exactly like a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import RecipeError
+
+OPTIMIZERS = ("adamw", "sgd")
+HEADS = ("linear", "multistage")
+
+# Below this many training images per class a recipe is "small": fine-tuning millions of pretrained
+# weights on a few hundred images overfits and costs minutes per epoch on a CPU, while a head on frozen
+# ImageNet features is already strong (Kornblith et al. 2019: the gain of fine-tuning over a fixed
+# feature extractor grows with the size of the target data set).
+SMALL_DATA_IMAGES_PER_CLASS = 250
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides how a pretrained backbone is adapted; nothing about the data's location."""
+
+    name: str
+    description: str = ""
+    # backbone
+    model: str = "tf_efficientnet_lite0"
+    pretrained: bool = True
+    # schedule
+    epochs: int = 10
+    batch_size: int = 32
+    freeze_epochs: int = 0  # epochs of head-only training before anything is unfrozen
+    unfreeze_stages: int = 0  # stages unfrozen after freeze_epochs, counted from the top; -1 = all, 0 = none
+    # optimisation
+    optimizer: str = "adamw"
+    lr: float = 1e-3  # the head's learning rate
+    backbone_lr_scale: float = 0.1  # top pretrained stage trains at lr * this
+    layer_decay: float = 1.0  # each stage further down gets this factor once more
+    weight_decay: float = 0.05
+    momentum: float = 0.9  # SGD only (Nesterov)
+    warmup_epochs: float = 0.5  # linear warm-up of every group from the moment it starts training
+    min_lr_ratio: float = 0.01  # cosine decays to lr * this
+    label_smoothing: float = 0.0
+    # head
+    head: str = "linear"
+    head_stages: int = 3  # multistage head: pooled outputs of this many top feature stages + final features
+    head_dropout: float = 0.0
+    drop_path: float = 0.0
+    # augmentation
+    scale_min: float = 0.5  # RandomResizedCrop lower scale bound
+    hflip: float = 0.5
+    color_jitter: float = 0.1
+    # stopping
+    early_stopping: int = 0  # patience in epochs on the validation accuracy; 0 = off
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    def override(self, values: Mapping[str, Any]) -> Recipe:
+        """Return a copy with ``values`` applied; strings are parsed to the field's type (``--set``)."""
+        known = {f.name: f for f in fields(self)}
+        parsed = {}
+        for key, value in values.items():
+            if key not in known:
+                raise RecipeError(
+                    f"unknown recipe field {key!r}; known fields: {', '.join(sorted(known))}"
+                )
+            parsed[key] = _parse(key, known[key].type, value)
+        return dataclasses.replace(self, **parsed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        lines = []
+        for key, value in self.to_dict().items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
+    @property
+    def trains_backbone(self) -> bool:
+        return self.unfreeze_stages != 0 and self.freeze_epochs < self.epochs
+
+
+def _validate(r: Recipe) -> None:
+    def need(ok: bool, field: str, rule: str) -> None:
+        if not ok:
+            raise RecipeError(f"recipe {r.name!r}: {field}={getattr(r, field)!r} is invalid: {rule}")
+
+    for f in fields(r):  # types first, so that a TOML typo ("1e-3" as a string) names its field
+        value = getattr(r, f.name)
+        expected = {"int": int, "float": (int, float), "bool": bool, "str": str}[f.type]
+        bad_bool = isinstance(value, bool) and f.type != "bool"
+        need(isinstance(value, expected) and not bad_bool, f.name, f"must be of type {f.type}")
+    need(r.epochs >= 1, "epochs", "must be at least 1")
+    need(r.batch_size >= 1, "batch_size", "must be at least 1")
+    need(0 <= r.freeze_epochs <= r.epochs, "freeze_epochs", "must be between 0 and epochs")
+    need(r.unfreeze_stages >= -1, "unfreeze_stages", "-1 (all), 0 (none) or a number of top stages")
+    need(r.optimizer in OPTIMIZERS, "optimizer", f"one of {OPTIMIZERS}")
+    need(r.head in HEADS, "head", f"one of {HEADS}")
+    need(r.head_stages >= 1, "head_stages", "must be at least 1")
+    for name in ("lr", "backbone_lr_scale", "layer_decay"):
+        need(math.isfinite(getattr(r, name)) and getattr(r, name) > 0, name, "must be a positive number")
+    need(r.lr <= 1.0, "lr", "learning rates above 1 diverge; useful rates are 1e-5 .. 1e-2")
+    need(r.backbone_lr_scale <= 1.0, "backbone_lr_scale", "pretrained layers train at most at the head's rate")
+    need(r.layer_decay <= 1.0, "layer_decay", "must be in (0, 1]")
+    need(r.weight_decay >= 0, "weight_decay", "must be >= 0")
+    need(0 <= r.momentum < 1, "momentum", "must be in [0, 1)")
+    need(r.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
+    need(0 <= r.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+    need(0 <= r.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
+    need(0 <= r.head_dropout < 1, "head_dropout", "must be in [0, 1)")
+    need(0 <= r.drop_path < 1, "drop_path", "must be in [0, 1)")
+    need(0 < r.scale_min <= 1, "scale_min", "must be in (0, 1]")
+    need(0 <= r.hflip <= 1, "hflip", "a probability in [0, 1]")
+    need(r.color_jitter >= 0, "color_jitter", "must be >= 0")
+    need(r.early_stopping >= 0, "early_stopping", "patience in epochs, 0 = off")
+
+
+def _parse(key: str, type_name: str, value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        if type_name == "bool":
+            lowered = value.strip().lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            return lowered in ("true", "1", "yes")
+        if type_name == "int":
+            return int(value)
+        if type_name == "float":
+            return float(value)
+    except ValueError:
+        raise RecipeError(f"recipe field {key}: cannot read {value!r} as {type_name}") from None
+    return value
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def _builtin_dir() -> Path:
+    installed = Path(__file__).parent / "_recipes"  # inside a wheel
+    return installed if installed.is_dir() else Path(__file__).resolve().parents[1] / "recipes"
+
+
+def load(path: str | Path) -> Recipe:
+    """Read a recipe TOML file; unknown keys and bad values are errors that name the file."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file {path} does not exist; built-in recipes: {', '.join(names())}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"recipe file {path} is not valid TOML: {e}") from None
+    data.setdefault("name", path.stem)
+    known = {f.name for f in fields(Recipe)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise RecipeError(f"recipe file {path}: unknown keys {unknown}; known keys: {', '.join(sorted(known))}")
+    try:
+        return Recipe(**data)
+    except RecipeError as e:
+        raise RecipeError(f"recipe file {path}: {e}") from None
+
+
+def names() -> list[str]:
+    return sorted(p.stem for p in _builtin_dir().glob("*.toml"))
+
+
+def get(name_or_path: str | Path) -> Recipe:
+    """A built-in recipe by name, or a recipe file by path."""
+    candidate = Path(name_or_path)
+    if candidate.suffix == ".toml" or candidate.exists():
+        return load(candidate)
+    path = _builtin_dir() / f"{name_or_path}.toml"
+    if not path.is_file():
+        raise RecipeError(f"unknown recipe {str(name_or_path)!r}; built-in recipes: {', '.join(names())}, "
+                          "or pass the path of a .toml recipe file")
+    return load(path)
+
+
+def source_text(name: str) -> str:
+    """The built-in recipe file as written, comments included."""
+    get(name)  # validates the name
+    return (_builtin_dir() / f"{name}.toml").read_text(encoding="utf-8")
+
+
+def choose(images_per_class: float, domain: str = "similar") -> tuple[str, str]:
+    """Pick one of the four cases by data size and domain; returns (recipe name, one-line reason)."""
+    if domain not in ("similar", "different"):
+        raise RecipeError(f"domain must be 'similar' or 'different', got {domain!r}")
+    size = "small" if images_per_class < SMALL_DATA_IMAGES_PER_CLASS else "large"
+    relation = "<" if size == "small" else ">="
+    reason = (
+        f"{images_per_class:.0f} training images per class {relation} {SMALL_DATA_IMAGES_PER_CLASS} -> {size} data; "
+        f"domain assumed {domain!r} "
+        + ("(say --domain different if your images look unlike ImageNet photos)" if domain == "similar"
+           else "(as given)")
+    )
+    return f"{size}-{domain}", reason

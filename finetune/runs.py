@@ -1,0 +1,205 @@
+"""The run folder: what a fit writes, and how its model is read back without the code that made it.
+
+    runs/<name>/
+      recipe.toml         the resolved recipe, every override applied
+      classes.json        label names, index order
+      split.json          the exact train/val(/test) file lists (reuse with --split)
+      metrics.csv         per-step and per-epoch metrics (Lightning CSV logger)
+      checkpoints/        best.ckpt (on val/acc) and last.ckpt
+      model.safetensors   trained weights of the best epoch, timm key names
+      config.json         timm hub layout: architecture, num_classes, label_names, pretrained_cfg (+ finetune)
+      curves.png          loss and accuracy per epoch
+      summary.json        final metrics, timings, skipped files, versions, recipe choice
+      report.md           the same for people
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import timm
+import torch
+
+from .model.classifier import Classifier
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def new_run_dir(out: str | Path | None, dataset: Path, recipe: str) -> Path:
+    """``out`` as given (it may exist only if empty), else ``runs/<dataset>-<recipe>[-N]``."""
+    if out is not None:
+        out = Path(out)
+        if out.exists() and any(out.iterdir()):
+            raise FileExistsError(f"run folder {out} already exists and is not empty; choose another --out "
+                                  "or remove it")
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+    base = Path("runs") / f"{dataset.resolve().name}-{recipe}"
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    candidate.mkdir(parents=True)
+    return candidate
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside ``path`` and rename it: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=2, default=_json_default) + "\n").encode())
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def model_config(classifier: Classifier, architecture: str, labels: list[str], data_config: dict,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """timm's hub ``config.json``: plain timm reads architecture/num_classes/pretrained_cfg."""
+    pretrained_cfg = dict(data_config)
+    pretrained_cfg["input_size"] = list(pretrained_cfg["input_size"])
+    pretrained_cfg["mean"] = list(pretrained_cfg["mean"])
+    pretrained_cfg["std"] = list(pretrained_cfg["std"])
+    pretrained_cfg["num_classes"] = classifier.num_classes
+    pretrained_cfg["classifier"] = getattr(classifier.backbone, "pretrained_cfg", {}).get("classifier", "classifier")
+    finetune: dict[str, Any] = {"head": classifier.head_kind}
+    if classifier.multistage is not None:
+        finetune["head_stages"] = classifier.head_stages
+        finetune["head_in_features"] = classifier.multistage.in_features
+    finetune.update(extra or {})
+    return {
+        "architecture": architecture,
+        "num_classes": classifier.num_classes,
+        "num_features": classifier.backbone.num_features,
+        "label_names": list(labels),
+        "pretrained_cfg": pretrained_cfg,
+        "finetune": finetune,
+    }
+
+
+def export_state_dict(classifier: Classifier) -> dict[str, torch.Tensor]:
+    """Weights under timm's own key names; a multi-stage head adds ``finetune_head.*`` keys."""
+    state = {k: v for k, v in classifier.backbone.state_dict().items()}
+    if classifier.multistage is not None:
+        state.update({f"finetune_head.{k}": v for k, v in classifier.multistage.state_dict().items()})
+    # safetensors wants dense, contiguous tensors; channels_last weights are neither in the default layout
+    return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+
+
+def save_model(folder: Path, classifier: Classifier, config: dict[str, Any]) -> None:
+    weights = safetensors.torch.save(export_state_dict(classifier), metadata={"format": "pt"})
+    atomic_write_bytes(folder / WEIGHTS_NAME, weights)
+    write_json(folder / CONFIG_NAME, config)
+
+
+def load_model(folder: str | Path) -> tuple[Classifier, dict[str, Any]]:
+    """Rebuild the classifier from ``model.safetensors`` + ``config.json`` alone (no code from the files)."""
+    folder = Path(folder)
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: point at a run folder written by `finetune fit`")
+    config = json.loads(config_path.read_text())
+    extra = config.get("finetune", {})
+    backbone = timm.create_model(config["architecture"], pretrained=False, num_classes=config["num_classes"],
+                                 pretrained_cfg_overlay=_data_cfg(config))
+    if extra.get("head") == "multistage":
+        classifier = Classifier(backbone, config["num_classes"], head="multistage",
+                                head_stages=len(extra["head_stages"]))
+    else:
+        classifier = Classifier(backbone, config["num_classes"])
+    state = safetensors.torch.load_file(str(folder / WEIGHTS_NAME))
+    head = {k.removeprefix("finetune_head."): v for k, v in state.items() if k.startswith("finetune_head.")}
+    body = {k: v for k, v in state.items() if not k.startswith("finetune_head.")}
+    classifier.backbone.load_state_dict(body, strict=True)
+    if classifier.multistage is not None:
+        classifier.multistage.load_state_dict(head, strict=True)
+    return classifier.eval(), config
+
+
+def _data_cfg(config: dict[str, Any]) -> dict[str, Any]:
+    cfg = config.get("pretrained_cfg", {})
+    keys = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
+    return {k: tuple(cfg[k]) if isinstance(cfg[k], list) else cfg[k] for k in keys if k in cfg}
+
+
+def read_epoch_metrics(metrics_csv: Path) -> list[dict[str, float]]:
+    """One row per epoch, merging Lightning's separate train/val rows."""
+    if not metrics_csv.is_file():
+        return []
+    epochs: dict[int, dict[str, float]] = {}
+    with metrics_csv.open() as f:
+        for row in csv.DictReader(f):
+            if not row.get("epoch"):
+                continue
+            entry = epochs.setdefault(int(float(row["epoch"])), {})
+            for key, value in row.items():
+                if value not in ("", None) and (key.endswith("_epoch") or key.startswith("val/")):
+                    entry[key.removesuffix("_epoch")] = float(value)
+    return [dict(epoch=e, **m) for e, m in sorted(epochs.items())]
+
+
+def plot_curves(rows: list[dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        return
+    epochs = [r["epoch"] + 1 for r in rows]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("train/loss", "train"), ("val/loss", "validation")):
+        ax_loss.plot(epochs, [r.get(key, math.nan) for r in rows], marker="o", label=label)
+    for key, label in (("train/acc", "train"), ("val/acc", "validation")):
+        ax_acc.plot(epochs, [r.get(key, math.nan) for r in rows], marker="o", label=label)
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="top-1 accuracy", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(path: Path, summary: dict[str, Any]) -> None:
+    val = summary.get("val", {})
+    lines = [
+        f"# Run {summary['run_dir']}",
+        "",
+        f"- data: `{summary['data_dir']}`: {summary['num_classes']} classes, {summary['train_images']} train / "
+        f"{summary['val_images']} validation images ({summary['split_source']} split)",
+        f"- recipe: **{summary['recipe']}** ({summary['recipe_reason']})",
+        f"- backbone: `{summary['model']}`, precision {summary['precision']}",
+        f"- skipped unreadable files: {summary['skipped_files']}",
+        f"- time: {summary['timings']['total_s']:.0f} s ({summary['train_images_per_s']:.1f} training images/s)",
+        "",
+        "| metric | validation |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {v:.4f} |" for k, v in val.items()]
+    lines += ["", "![curves](curves.png)", ""]
+    atomic_write_bytes(path, "\n".join(lines).encode())

@@ -1,0 +1,79 @@
+"""Hardware-dependent choices: numeric precision, memory format, and the CPU memory allocator."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import logging
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("finetune")
+
+PRECISIONS = ("auto", "bf16", "fp32", "16")
+
+
+@dataclass(frozen=True)
+class Precision:
+    lightning: str  # the Trainer's precision argument
+    channels_last: bool
+    reason: str
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX-512 BF16 or AMX); emulated bf16 is slower than fp32."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine() == "arm64" and platform.system() == "Darwin"  # Apple M2+ have bf16
+    flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+def choose_precision(requested: str = "auto", accelerator: str | None = None) -> Precision:
+    """bf16 autocast + channels_last where the hardware has bf16 (measured ~1.8x faster training on an
+    AVX-512 BF16 CPU), fp32 otherwise; ``requested`` overrides."""
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {requested!r}")
+    cuda = (accelerator in (None, "auto", "gpu", "cuda")) and torch.cuda.is_available()
+    if requested == "fp32":
+        return Precision("32-true", False, "fp32 requested")
+    if requested == "16":
+        return Precision("16-mixed", cuda, "fp16 mixed precision requested")
+    if requested == "bf16":
+        return Precision("bf16-mixed", True, "bf16 requested")
+    if cuda and torch.cuda.is_bf16_supported():
+        return Precision("bf16-mixed", True, f"bf16 autocast: {torch.cuda.get_device_name()} supports bf16")
+    if cuda:
+        return Precision("16-mixed", True, "fp16 autocast: this GPU has no bf16")
+    if cpu_has_bf16():
+        return Precision("bf16-mixed", True, "bf16 autocast + channels_last: the CPU has native bf16")
+    return Precision("32-true", False, "fp32: the CPU has no native bf16")
+
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+
+
+@functools.cache
+def tune_allocator() -> bool:
+    """Stop glibc from unmapping and remapping large activation buffers on every pass.
+
+    glibc serves allocations over its mmap threshold with fresh mappings and returns them to the kernel when
+    freed, so each forward/backward pays page faults on hundreds of MB (measured here: eval of
+    tf_efficientnet_lite0 23 -> 73 img/s with the fix). Same effect as the environment variables
+    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736, applied in-process. Numerics are unchanged.
+    Returns True when applied (glibc only).
+    """
+    if platform.system() != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2**36) == 1
+    except (OSError, AttributeError):  # musl and others have no mallopt
+        return False
+    return ok

@@ -1,0 +1,89 @@
+import dataclasses
+
+import pytest
+
+from finetune import Recipe, RecipeError, recipes
+
+
+def test_four_builtin_recipes_one_per_case():
+    assert recipes.names() == ["large-different", "large-similar", "small-different", "small-similar"]
+
+
+@pytest.mark.parametrize("name", recipes.names())
+def test_builtin_recipe_loads_and_matches_its_case(name):
+    r = recipes.get(name)
+    assert r.name == name
+    size, domain = name.split("-")
+    assert r.trains_backbone == (size == "large")  # little data: the backbone stays frozen
+    assert (r.head == "multistage") == (name == "small-different")
+    if r.trains_backbone:
+        assert r.freeze_epochs >= 1  # a random head never back-propagates into pretrained layers
+        assert r.backbone_lr_scale < 1
+    if name == "large-different":
+        assert r.unfreeze_stages == -1 and r.layer_decay < 1
+
+
+@pytest.mark.parametrize("name", recipes.names())
+def test_toml_round_trip(name, tmp_path):
+    r = recipes.get(name)
+    path = tmp_path / "r.toml"
+    path.write_text(r.to_toml())
+    assert recipes.load(path) == r
+
+
+def test_override_parses_strings_to_field_types():
+    r = recipes.get("small-similar").override({"lr": "3e-4", "epochs": "12", "pretrained": "false"})
+    assert r.lr == 3e-4 and r.epochs == 12 and r.pretrained is False
+    assert dataclasses.replace(r, lr=1e-2).lr == 1e-2
+
+
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        ({"lr": "fast"}, "cannot read 'fast' as float"),
+        ({"lr": "-1"}, "lr=-1.0 is invalid"),
+        ({"learning_rate": "1"}, "unknown recipe field 'learning_rate'"),
+        ({"head": "mlp"}, "head='mlp' is invalid"),
+        ({"epochs": "0"}, "epochs=0"),
+        ({"hflip": "2"}, "hflip=2.0"),
+    ],
+)
+def test_bad_overrides_name_the_field(values, match):
+    with pytest.raises(RecipeError, match=match):
+        recipes.get("large-similar").override(values)
+
+
+def test_recipe_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "mine.toml"
+    bad.write_text('lr = "1e-3"\n')
+    with pytest.raises(RecipeError, match=r"mine.toml.*lr='1e-3'.*float"):
+        recipes.load(bad)
+    bad.write_text("learning_rate = 1\n")
+    with pytest.raises(RecipeError, match=r"mine.toml: unknown keys \['learning_rate'\]"):
+        recipes.load(bad)
+    with pytest.raises(RecipeError, match="does not exist"):
+        recipes.load(tmp_path / "missing.toml")
+    with pytest.raises(RecipeError, match="unknown recipe 'tiny'.*small-similar"):
+        recipes.get("tiny")
+
+
+def test_custom_recipe_file_is_a_recipe(tmp_path):
+    path = tmp_path / "quick.toml"
+    path.write_text('epochs = 2\nlr = 1e-2\n')
+    r = recipes.get(path)
+    assert isinstance(r, Recipe) and r.name == "quick" and r.epochs == 2
+
+
+@pytest.mark.parametrize(
+    "per_class, domain, expected",
+    [(10, "similar", "small-similar"), (249, "different", "small-different"),
+     (250, "similar", "large-similar"), (5000, "different", "large-different")],
+)
+def test_choose_by_images_per_class_and_domain(per_class, domain, expected):
+    name, reason = recipes.choose(per_class, domain)
+    assert name == expected
+    assert str(recipes.SMALL_DATA_IMAGES_PER_CLASS) in reason and domain in reason
+
+
+def test_source_text_keeps_comments():
+    assert "#" in recipes.source_text("small-similar")
