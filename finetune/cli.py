@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 console = Console(stderr=True)
@@ -107,7 +108,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
         return 0
     table = Table(title="built-in recipes (finetune recipes NAME shows one in full)")
     for column in ("name", "backbone", "head", "epochs", "description"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column == "name")
     for name in recipes.names():
         r = recipes.get(name)
         trains = {0: "frozen", -1: "all unfrozen"}.get(r.unfreeze_stages, f"top {r.unfreeze_stages} stages")
@@ -123,7 +124,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     table = Table(title="backbones with offline ImageNet weights")
     for column in ("name", "params (M)", "input", "source", "available"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column == "name")
     for row in list_offline_backbones():
         size = "x".join(str(v) for v in row["input_size"][1:])
         table.add_row(row["name"], f"{row['params']:.1f}", size, row["source"], "yes" if row["available"] else "no")
@@ -157,10 +158,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except (FinetuneError, WeightsUnavailableError, FileExistsError, FileNotFoundError) as e:
-        console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+        console.print("[bold red]error:[/]", escape(str(e)), highlight=False)
         return 2
     except argparse.ArgumentTypeError as e:
-        console.print(f"[bold red]error:[/] {e}")
+        console.print("[bold red]error:[/]", escape(str(e)), highlight=False)
         return 2
     except KeyboardInterrupt:
         console.print("interrupted")

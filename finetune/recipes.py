@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+
+import tomllib
 
 from .errors import RecipeError
 

@@ -8,9 +8,10 @@ import math
 import platform
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import pytorch_lightning as pl
 import timm
@@ -147,6 +148,9 @@ def fit(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*Checkpoint directory.*exists and is not empty.*")
+        warnings.filterwarnings("ignore", ".*Experiment logs directory.*")  # ours: it holds recipe.toml etc.
+        warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")  # frozen parts, on purpose
+        warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
         trainer.fit(module, datamodule=datamodule)
         _load_best(module, checkpoint)
         val = _strip(trainer.validate(module, datamodule=datamodule, verbose=False)[0], "val/")

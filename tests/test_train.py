@@ -1,0 +1,106 @@
+"""End to end: `fit` on tiny generated folders with tiny timm models, for every registered recipe."""
+
+import json
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+
+from finetune import recipes
+from finetune.cli import main
+from finetune.model.classifier import Classifier
+from finetune.runs import load_model
+from finetune.train import fit
+
+FAST = {"epochs": 2, "batch_size": 8, "freeze_epochs": 1, "head_stages": 2}
+
+
+def _fit(folder, name, tmp_path, **kwargs):
+    overrides = dict(FAST) if recipes.get(name).trains_backbone else {"epochs": 2, "batch_size": 8, "head_stages": 2}
+    return fit(folder, name, model="test_efficientnet", pretrained=False, overrides=overrides,
+               out=tmp_path / "run", progress=False, num_workers=0, **kwargs)
+
+
+@pytest.mark.parametrize("name", recipes.names())
+def test_fit_writes_a_self_describing_run_folder(name, tiny_folder, tmp_path):
+    result = _fit(tiny_folder, name, tmp_path)
+    run = result.run_dir
+    for f in ("recipe.toml", "classes.json", "split.json", "metrics.csv", "summary.json", "report.md",
+              "model.safetensors", "config.json", "curves.png", "checkpoints/best.ckpt", "checkpoints/last.ckpt"):
+        assert (run / f).is_file(), f
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["recipe"] == name and summary["epochs_run"] == 2
+    assert set(result.metrics) >= {"acc", "balanced_acc", "macro_f1", "loss"}
+    assert summary["val"] == result.metrics and 0 <= result.accuracy <= 1
+    assert summary["skipped_files"] == 0 and summary["train_images"] + summary["val_images"] == 24
+    assert recipes.load(run / "recipe.toml") == result.recipe
+
+    # the export holds the best checkpoint's weights and gives the same logits
+    classifier, config = load_model(run)
+    assert config["label_names"] == ["blue", "green", "red"] and config["architecture"] == "test_efficientnet"
+    reference = Classifier(timm.create_model("test_efficientnet", num_classes=3), 3, head=result.recipe.head,
+                           head_stages=2)
+    state = torch.load(run / "checkpoints/best.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    reference.load_state_dict({k.removeprefix("classifier."): v for k, v in state.items()
+                               if k.startswith("classifier.")})
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        expected = reference.eval()(x)
+        assert torch.allclose(classifier(x), expected, atol=1e-5)
+        if result.recipe.head == "linear":  # plain timm, no finetune code involved
+            plain = timm.create_model(config["architecture"], num_classes=config["num_classes"])
+            plain.load_state_dict(safetensors.torch.load_file(run / "model.safetensors"))
+            assert torch.allclose(plain.eval()(x), expected, atol=1e-5)
+
+
+def test_learns_the_tiny_task(tmp_path, image_folder):
+    folder = image_folder(tmp_path / "data", per_class=12, split=True)
+    result = fit(folder, "small-similar", model="test_efficientnet", pretrained=False, progress=False,
+                 out=tmp_path / "run", num_workers=0, overrides={"epochs": 4, "lr": 0.05, "batch_size": 8})
+    assert result.summary["split_source"] == "folders"
+    assert result.accuracy == 1.0  # colour is trivially separable even on random features
+
+
+def test_auto_recipe_explains_itself(tiny_folder, tmp_path):
+    result = fit(tiny_folder, "auto", model="test_efficientnet", pretrained=False, epochs=1, progress=False,
+                 out=tmp_path / "run", num_workers=0)
+    assert result.recipe.name == "small-similar"
+    assert "images per class" in result.summary["recipe_reason"]
+    result = fit(tiny_folder, "auto", domain="different", model="test_efficientnet", pretrained=False, epochs=1,
+                 progress=False, out=tmp_path / "run2", num_workers=0, overrides={"head_stages": 2})
+    assert result.recipe.name == "small-different"
+
+
+def test_rerun_with_split_file_reuses_the_split(tiny_folder, tmp_path):
+    first = _fit(tiny_folder, "small-similar", tmp_path, seed=1)
+    second = fit(tiny_folder, "small-similar", model="test_efficientnet", pretrained=False, epochs=1,
+                 progress=False, out=tmp_path / "again", num_workers=0, seed=7,
+                 split_file=first.run_dir / "split.json")
+    a, b = (json.loads((r.run_dir / "split.json").read_text()) for r in (first, second))
+    assert (a["train"], a["val"]) == (b["train"], b["val"]) and b["split_source"] == "file"
+    assert a["split_source"] == "generated" and a["train"]
+
+
+def test_cli_fit_and_errors(tiny_folder, tmp_path, capsys):
+    code = main(["fit", str(tiny_folder), "--recipe", "small-similar", "--model", "test_efficientnet",
+                 "--no-pretrained", "--epochs", "1", "--set", "batch_size=8", "--out", str(tmp_path / "cli"),
+                 "--no-progress", "--workers", "0"])
+    assert code == 0
+    assert "validation accuracy:" in capsys.readouterr().out
+    assert main(["fit", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    assert main(["fit", str(tiny_folder), "--set", "lr=fast", "--out", str(tmp_path / "x")]) == 2
+    assert "lr" in capsys.readouterr().err
+    assert main(["fit", str(tiny_folder), "--out", str(tmp_path / "cli")]) == 2  # not empty: nothing lost
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_cli_recipes_and_models(capsys):
+    assert main(["recipes"]) == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in recipes.names())
+    assert main(["recipes", "large-different"]) == 0
+    assert "layer_decay" in capsys.readouterr().out
+    assert main(["models"]) == 0
+    assert "tf_efficientnet_lite0" in capsys.readouterr().out
