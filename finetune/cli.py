@@ -153,11 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.verbose)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from .errors import FinetuneError
-    from .model.backbones import WeightsUnavailableError
 
     try:
         return COMMANDS[args.command](args)
-    except (FinetuneError, WeightsUnavailableError, FileExistsError, FileNotFoundError) as e:
+    except (FinetuneError, FileExistsError, FileNotFoundError) as e:
         console.print("[bold red]error:[/]", escape(str(e)), highlight=False)
         return 2
     except argparse.ArgumentTypeError as e:

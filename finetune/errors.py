@@ -30,3 +30,7 @@ class ImageDecodeError(FinetuneError):
 
 class RecipeError(FinetuneError, ValueError):
     """A recipe, recipe file or override is invalid."""
+
+
+class UsageError(FinetuneError, ValueError):
+    """Arguments that contradict each other or name something that cannot be used."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import math
 import platform
@@ -17,7 +18,7 @@ import pytorch_lightning as pl
 import timm
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar, Timer
-from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from . import __version__, recipes, runs
 from .data import ImageFolderDataModule, scan_image_folder
@@ -112,7 +113,7 @@ def fit(
         classifier = classifier.to(memory_format=torch.channels_last)
     module = TransferModule(classifier, _optim_config(chosen), channels_last=prec.channels_last)
     datamodule = ImageFolderDataModule(
-        splits, data_config, batch_size=chosen.batch_size, num_workers=num_workers,
+        splits, data_config, batch_size=chosen.batch_size, num_workers=num_workers, seed=seed,
         augment={"scale_min": chosen.scale_min, "hflip": chosen.hflip, "color_jitter": chosen.color_jitter},
     )
 
@@ -135,7 +136,7 @@ def fit(
         accelerator="auto",
         devices=1,
         precision=prec.lightning,
-        logger=CSVLogger(run_dir, name="", version=""),
+        logger=_loggers(run_dir),
         callbacks=callbacks,
         enable_progress_bar=progress,
         enable_model_summary=False,
@@ -199,6 +200,14 @@ def fit(
         log.warning("skipped %d unreadable file(s): %s", len(module.skipped_files),
                     ", ".join(sorted(module.skipped_files)[:10]))
     return FitResult(run_dir=run_dir, recipe=chosen, metrics=val, summary=summary)
+
+
+def _loggers(run_dir: Path) -> list[Logger]:
+    """metrics.csv always; TensorBoard event files too when tensorboard is installed."""
+    loggers: list[Logger] = [CSVLogger(run_dir, name="", version="")]
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version=""))
+    return loggers
 
 
 def _optim_config(r: Recipe) -> OptimConfig:

@@ -104,3 +104,18 @@ def test_cli_recipes_and_models(capsys):
     assert "layer_decay" in capsys.readouterr().out
     assert main(["models"]) == 0
     assert "tf_efficientnet_lite0" in capsys.readouterr().out
+
+
+def test_unreadable_files_are_skipped_named_and_counted(tiny_folder, tmp_path):
+    (tiny_folder / "red" / "empty.jpg").write_bytes(b"")
+    (tiny_folder / "green" / "notes.png").write_text("not an image")
+    good = (tiny_folder / "blue" / "0.png").read_bytes()
+    (tiny_folder / "blue" / "truncated.png").write_bytes(good[: len(good) // 2])
+    result = fit(tiny_folder, "small-similar", model="test_efficientnet", pretrained=False, epochs=2,
+                 progress=False, out=tmp_path / "run", num_workers=0,
+                 overrides={"batch_size": 1})  # batch 1: every file is read (no drop_last), all-bad batches occur
+    summary = result.summary
+    bad = {"empty.jpg", "notes.png", "truncated.png"}
+    assert summary["skipped_files"] == 3
+    assert {p.rsplit("/", 1)[-1] for p in summary["skipped"]} == bad
+    assert summary["epochs_run"] == 2

