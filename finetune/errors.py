@@ -17,15 +17,16 @@ class DatasetError(FinetuneError, ValueError):
 class ImageDecodeError(FinetuneError):
     """One image file cannot be decoded; training skips it and names it."""
 
-    def __init__(self, path: str | Path, reason: str) -> None:
+    def __init__(self, path: str | Path, reason: str, kind: str = "corrupt") -> None:
         self.path = Path(path)
         self.reason = reason
+        self.kind = kind  # a `finetune.data.doctor.KINDS` name: empty_file, truncated, corrupt, not_an_image, ...
         super().__init__(f"cannot decode image {path}: {reason}")
 
-    def __reduce__(self) -> tuple[type, tuple[Path, str]]:
+    def __reduce__(self) -> tuple[type, tuple[Path, str, str]]:
         # Exception pickling replays __init__ with self.args (the message alone); DataLoader workers and
-        # multiprocessing need the two real arguments back.
-        return (type(self), (self.path, self.reason))
+        # multiprocessing need the real arguments back.
+        return (type(self), (self.path, self.reason, self.kind))
 
 
 class RecipeError(FinetuneError, ValueError):

@@ -64,6 +64,9 @@ class Recipe:
     color_jitter: float = 0.1
     # stopping
     early_stopping: int = 0  # patience in epochs on the validation accuracy; 0 = off
+    # frozen phases on cached features: the backbone runs once, the head is fitted by L-BFGS (see model/probe.py)
+    cached_features: bool = True
+    feature_views: int = 0  # augmented views of each training image added to the cache (each costs one pass)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -127,6 +130,7 @@ def _validate(r: Recipe) -> None:
     need(0 <= r.hflip <= 1, "hflip", "a probability in [0, 1]")
     need(r.color_jitter >= 0, "color_jitter", "must be >= 0")
     need(r.early_stopping >= 0, "early_stopping", "patience in epochs, 0 = off")
+    need(r.feature_views >= 0, "feature_views", "must be >= 0")
 
 
 def _parse(key: str, type_name: str, value: Any) -> Any:
@@ -202,16 +206,17 @@ def source_text(name: str) -> str:
     return (_builtin_dir() / f"{name}.toml").read_text(encoding="utf-8")
 
 
-def choose(images_per_class: float, domain: str = "similar") -> tuple[str, str]:
-    """Pick one of the four cases by data size and domain; returns (recipe name, one-line reason)."""
+def choose(images_per_class: float, domain: str = "similar", domain_reason: str | None = None) -> tuple[str, str]:
+    """Pick one of the four cases by data size and domain; returns (recipe name, one-line reason).
+
+    ``domain_reason`` says how the domain was decided (a measurement); without it the domain is as given.
+    """
     if domain not in ("similar", "different"):
         raise RecipeError(f"domain must be 'similar' or 'different', got {domain!r}")
     size = "small" if images_per_class < SMALL_DATA_IMAGES_PER_CLASS else "large"
     relation = "<" if size == "small" else ">="
     reason = (
         f"{images_per_class:.0f} training images per class {relation} {SMALL_DATA_IMAGES_PER_CLASS} -> {size} data; "
-        f"domain assumed {domain!r} "
-        + ("(say --domain different if your images look unlike ImageNet photos)" if domain == "similar"
-           else "(as given)")
+        + (domain_reason or f"domain {domain!r} as given")
     )
     return f"{size}-{domain}", reason

@@ -31,6 +31,8 @@ from .model.classifier import Classifier
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+_UMASK = os.umask(0o022)  # read once, at import (os.umask can only be read by setting it)
+os.umask(_UMASK)
 
 
 def new_run_dir(out: str | Path | None, dataset: Path, recipe: str) -> Path:
@@ -56,6 +58,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the permissions open() would
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -124,7 +127,7 @@ def load_model(folder: str | Path) -> tuple[Classifier, dict[str, Any]]:
     config = json.loads(config_path.read_text())
     extra = config.get("finetune", {})
     backbone = timm.create_model(config["architecture"], pretrained=False, num_classes=config["num_classes"],
-                                 pretrained_cfg_overlay=_data_cfg(config))
+                                 pretrained_cfg_overlay=data_config(config))
     if extra.get("head") == "multistage":
         classifier = Classifier(backbone, config["num_classes"], head="multistage",
                                 head_stages=len(extra["head_stages"]))
@@ -139,10 +142,24 @@ def load_model(folder: str | Path) -> tuple[Classifier, dict[str, Any]]:
     return classifier.eval(), config
 
 
-def _data_cfg(config: dict[str, Any]) -> dict[str, Any]:
+def data_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The timm data config (input_size, mean, std, interpolation, crop_pct, crop_mode) of a ``config.json``."""
     cfg = config.get("pretrained_cfg", {})
     keys = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
     return {k: tuple(cfg[k]) if isinstance(cfg[k], list) else cfg[k] for k in keys if k in cfg}
+
+
+def temperature(config: dict[str, Any]) -> float:
+    """The calibration temperature of a ``config.json`` (``finetune.temperature``); 1.0 when none was fitted."""
+    return float(config.get("finetune", {}).get("temperature", 1.0))
+
+
+def write_temperature(folder: str | Path, value: float) -> None:
+    """Store a fitted temperature in ``folder/config.json`` (atomically); predictions divide logits by it."""
+    path = Path(folder) / CONFIG_NAME
+    config = json.loads(path.read_text())
+    config.setdefault("finetune", {})["temperature"] = float(value)
+    write_json(path, config)
 
 
 def read_epoch_metrics(metrics_csv: Path) -> list[dict[str, float]]:
@@ -203,3 +220,43 @@ def write_report(path: Path, summary: dict[str, Any]) -> None:
     lines += [f"| {k} | {v:.4f} |" for k, v in val.items()]
     lines += ["", "![curves](curves.png)", ""]
     atomic_write_bytes(path, "\n".join(lines).encode())
+
+
+def save_checkpoint(folder: Path, state_dict: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
+    """``best.ckpt`` and ``last.ckpt`` for a run without Lightning epochs (a probe): the same ``state_dict``
+    layout as Lightning's checkpoints, readable with ``torch.load(weights_only=True)``."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}, "epoch": 0,
+                "global_step": 0, "finetune": extra}, buffer)
+    for name in ("best.ckpt", "last.ckpt"):
+        atomic_write_bytes(folder / name, buffer.getvalue())
+
+
+def write_probe_sweep(folder: Path, sweep: list[dict[str, float]]) -> None:
+    """``probe.csv`` (one row per weight decay tried) and its plot as ``curves.png``."""
+    lines = [",".join(sweep[0])] + [",".join(f"{v:g}" for v in row.values()) for row in sweep]
+    atomic_write_bytes(folder / "probe.csv", ("\n".join(lines) + "\n").encode())
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    decays = [row["weight_decay"] for row in sweep]
+    ax.semilogx(decays, [row["train_acc"] for row in sweep], marker="o", label="train")
+    ax.semilogx(decays, [row["val_acc"] for row in sweep], marker="o", label="validation")
+    ax.set(xlabel="weight decay", ylabel="top-1 accuracy", title="linear probe on cached features")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "curves.png", dpi=100)
+    plt.close(fig)
+
+
+def write_final_metrics(path: Path, metrics: dict[str, float]) -> None:
+    """A one-row ``metrics.csv`` for a run whose head was fitted without epochs (the probe)."""
+    row = {"epoch": 0, "step": 0, **{f"val/{k}": v for k, v in metrics.items()}}
+    text = ",".join(row) + "\n" + ",".join(f"{v:g}" for v in row.values()) + "\n"
+    atomic_write_bytes(path, text.encode())

@@ -1,4 +1,15 @@
-"""fit(): the one place that wires data -> backbone -> classifier -> LightningModule -> callbacks -> Trainer."""
+"""fit(): the one place that wires data -> backbone -> classifier -> LightningModule -> callbacks -> Trainer.
+
+Phases of a run:
+1. data: scan the folder (or read a labels CSV), pre-flight check (finetune.data.doctor), split;
+2. recipe: as given, or ``auto`` from images per class and the measured domain gap (model/domain.py);
+3. probe: while the backbone is frozen its features never change, so they are computed once and the head
+   is fitted on them by L-BFGS (model/probe.py). ``small-*`` recipes end here; ``large-*`` recipes start
+   fine-tuning from the probed head (LP-FT, Kumar et al. 2022);
+4. fine-tuning with Lightning (model/module.py, model/freezing.py) for recipes that train the backbone,
+   or when ``cached_features`` is off;
+5. the run folder: weights of the best epoch, calibration temperature, metrics, plots, summary, exports.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +18,7 @@ import importlib.util
 import logging
 import math
 import platform
+import random
 import time
 import warnings
 from collections.abc import Mapping
@@ -19,19 +31,35 @@ import timm
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar, Timer
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
+from torch.utils.data import DataLoader
 
 from . import __version__, recipes, runs
-from .data import ImageFolderDataModule, scan_image_folder
+from .calibration import fit_temperature
+from .data import (
+    DatasetSplits,
+    ImageFolderDataModule,
+    ImageFolderDataset,
+    build_transforms,
+    collate_skipping,
+    default_num_workers,
+    scan_image_folder,
+)
+from .data.doctor import MAX_UNUSABLE_FRACTION, preflight
+from .data.labels import read_labels_csv
 from .model.backbones import create_backbone
 from .model.classifier import Classifier
+from .model.domain import measure_domain_gap
 from .model.freezing import StagedFinetuning
-from .model.module import OptimConfig, TransferModule
+from .model.module import OptimConfig, TransferModule, metrics_from_logits
+from .model.probe import CachedFeatures, extract_features, fit_linear_probe
 from .recipes import Recipe
-from .runtime import choose_precision, tune_allocator
+from .runtime import Precision, choose_precision, tune_allocator
 
 log = logging.getLogger("finetune")
 
 MONITOR = "val/acc"
+DOMAIN_SAMPLE_IMAGES = 256  # a single forward pass over this many training images measures the domain gap
+DOMAINS = ("auto", "similar", "different")
 
 
 @dataclass
@@ -51,12 +79,13 @@ def resolve_recipe(
     images_per_class: float,
     domain: str = "similar",
     overrides: Mapping[str, Any] | None = None,
+    domain_reason: str | None = None,
 ) -> tuple[Recipe, str]:
     """The recipe to run and why: ``"auto"`` picks one of the four cases by data size and domain."""
     if isinstance(recipe, Recipe):
         chosen, reason = recipe, "given as a Recipe object"
     elif str(recipe) == "auto":
-        name, reason = recipes.choose(images_per_class, domain)
+        name, reason = recipes.choose(images_per_class, domain, domain_reason)
         chosen = recipes.get(name)
     else:
         chosen, reason = recipes.get(recipe), "chosen by the user"
@@ -64,6 +93,16 @@ def resolve_recipe(
         chosen = chosen.override(overrides)
         reason += "; overrides: " + ", ".join(f"{k}={v}" for k, v in overrides.items())
     return chosen, reason
+
+
+def load_splits(data_dir: Path, *, labels: str | Path | None = None, split_file: str | Path | None = None,
+                val_fraction: float = 0.2, seed: int = 0) -> DatasetSplits:
+    """The train/val(/test) file lists: from a labels CSV, a saved split, or the folder layout."""
+    if labels is not None and split_file is not None:
+        raise recipes.RecipeError("--labels and --split both define the split: give one of them")
+    if labels is not None:
+        return read_labels_csv(labels, data_dir, val_fraction=val_fraction, seed=seed)
+    return scan_image_folder(data_dir, val_fraction=val_fraction, seed=seed, split_file=split_file)
 
 
 def fit(
@@ -74,8 +113,9 @@ def fit(
     epochs: int | None = None,
     batch_size: int | None = None,
     overrides: Mapping[str, Any] | None = None,
-    domain: str = "similar",
+    domain: str = "auto",
     out: str | Path | None = None,
+    labels: str | Path | None = None,
     split_file: str | Path | None = None,
     val_fraction: float = 0.2,
     seed: int = 0,
@@ -85,36 +125,59 @@ def fit(
     num_workers: int | None = None,
     progress: bool = True,
     limit_batches: int | float | None = None,
+    max_unusable_fraction: float = MAX_UNUSABLE_FRACTION,
 ) -> FitResult:
     """Fine-tune a pretrained backbone on an image folder; write a self-describing run folder.
 
     ``overrides`` are recipe fields (``{"lr": 3e-4}``); ``model``, ``epochs``, ``batch_size`` and
-    ``pretrained`` are shortcuts for the same. ``limit_batches`` caps batches per epoch (smoke tests).
+    ``pretrained`` are shortcuts for the same. ``domain="auto"`` measures how far the images are from
+    ImageNet (used by ``recipe="auto"``). ``limit_batches`` caps batches per epoch (smoke tests).
     """
     started = time.perf_counter()
     tune_allocator()
+    if domain not in DOMAINS:
+        raise recipes.RecipeError(f"domain must be one of {DOMAINS}, got {domain!r}")
     data_dir = Path(data_dir)
-    splits = scan_image_folder(data_dir, val_fraction=val_fraction, seed=seed, split_file=split_file)
-    images_per_class = len(splits.train) / len(splits.classes)
+    checked = preflight(load_splits(data_dir, labels=labels, split_file=split_file, val_fraction=val_fraction,
+                                    seed=seed), max_unusable_fraction=max_unusable_fraction, progress=progress)
+    splits = checked.splits
+    num_classes = len(splits.classes)
+    images_per_class = len(splits.train) / num_classes
     shortcuts = {"model": model, "epochs": epochs, "batch_size": batch_size, "pretrained": pretrained}
     merged = {k: v for k, v in shortcuts.items() if v is not None} | dict(overrides or {})
-    chosen, reason = resolve_recipe(recipe, images_per_class, domain, merged)
+    prec = choose_precision(precision)
+
+    base = recipe if isinstance(recipe, Recipe) else (Recipe(name="auto") if str(recipe) == "auto"
+                                                      else recipes.get(recipe))
+    base = base.override({k: v for k, v in merged.items() if k in ("model", "pretrained")})
+    backbone = create_backbone(base.model, pretrained=base.pretrained, num_classes=num_classes, weights=weights)
+    data_config = timm.data.resolve_model_data_config(backbone)
+    gap, domain_reason = None, None
+    if str(recipe) == "auto" and domain == "auto":
+        if base.pretrained:
+            gap = _measure_domain(backbone, splits, data_config, prec, num_workers, seed)
+            domain = gap.domain
+            relation = ">" if domain == "different" else "<="
+            domain_reason = (f"domain gap {gap.score:.3f} {relation} {gap.threshold} (BatchNorm statistics of "
+                             f"{base.model} on {gap.images} training images) -> {domain}")
+        else:
+            domain, domain_reason = "similar", "domain not measured (no pretrained weights), assumed 'similar'"
+    chosen, reason = resolve_recipe(recipe, images_per_class, "similar" if domain == "auto" else domain, merged,
+                                    domain_reason)
     log.info("recipe %s: %s", chosen.name, reason)
 
     pl.seed_everything(seed, workers=True, verbose=False)
-    backbone_kwargs = {"drop_path_rate": chosen.drop_path} if chosen.drop_path else {}
-    backbone = create_backbone(chosen.model, pretrained=chosen.pretrained, num_classes=len(splits.classes),
-                               weights=weights, **backbone_kwargs)
-    data_config = timm.data.resolve_model_data_config(backbone)
-    classifier = Classifier(backbone, len(splits.classes), head=chosen.head, head_stages=chosen.head_stages,
+    if chosen.drop_path:  # stochastic depth is set when timm builds the blocks
+        backbone = create_backbone(chosen.model, pretrained=chosen.pretrained, num_classes=num_classes,
+                                   weights=weights, drop_path_rate=chosen.drop_path)
+    classifier = Classifier(backbone, num_classes, head=chosen.head, head_stages=chosen.head_stages,
                             head_dropout=chosen.head_dropout)
-    prec = choose_precision(precision)
     if prec.channels_last:
         classifier = classifier.to(memory_format=torch.channels_last)
-    module = TransferModule(classifier, _optim_config(chosen), channels_last=prec.channels_last)
     datamodule = ImageFolderDataModule(
         splits, data_config, batch_size=chosen.batch_size, num_workers=num_workers, seed=seed,
         augment={"scale_min": chosen.scale_min, "hflip": chosen.hflip, "color_jitter": chosen.color_jitter},
+        class_balanced=checked.balance.method == "sampler",
     )
 
     run_dir = runs.new_run_dir(out, data_dir, chosen.name)
@@ -123,58 +186,35 @@ def fit(
     runs.write_json(run_dir / "classes.json", splits.classes)
     splits.save(run_dir / "split.json")
 
-    timer = Timer()
-    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=MONITOR, mode="max",
-                                 save_last=True, save_weights_only=False, enable_version_counter=False)
-    callbacks: list[pl.Callback] = [StagedFinetuning(chosen.freeze_epochs, chosen.unfreeze_stages), checkpoint, timer]
-    if chosen.early_stopping:
-        callbacks.append(EarlyStopping(MONITOR, mode="max", patience=chosen.early_stopping))
-    if progress:
-        callbacks.append(RichProgressBar(leave=True))
-    trainer = pl.Trainer(
-        max_epochs=chosen.epochs,
-        accelerator="auto",
-        devices=1,
-        precision=prec.lightning,
-        logger=_loggers(run_dir),
-        callbacks=callbacks,
-        enable_progress_bar=progress,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=5,
-        limit_train_batches=limit_batches,
-        limit_val_batches=limit_batches,
-        deterministic=False,
-    )
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        warnings.filterwarnings("ignore", ".*Checkpoint directory.*exists and is not empty.*")
-        warnings.filterwarnings("ignore", ".*Experiment logs directory.*")  # ours: it holds recipe.toml etc.
-        warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")  # frozen parts, on purpose
-        warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
-        trainer.fit(module, datamodule=datamodule)
-        _load_best(module, checkpoint)
-        val = _strip(trainer.validate(module, datamodule=datamodule, verbose=False)[0], "val/")
-        test = {}
-        if splits.test:
-            test = _strip(trainer.test(module, datamodule=datamodule, verbose=False)[0], "test/")
+    probe = _probe(classifier, datamodule, chosen, prec, run_dir) if _use_probe(chosen, classifier) else None
+    module = TransferModule(classifier, _optim_config(chosen, probed=probe is not None),
+                            channels_last=prec.channels_last)
+    if probe is not None:
+        module.skipped_files.update(probe["skipped"])
+    finetune_epochs = chosen.epochs - (chosen.freeze_epochs if probe is not None else 0)
+    if probe is not None and not chosen.trains_backbone:
+        outcome = _finish_probe_only(module, probe, datamodule, prec, run_dir)
+    else:
+        outcome = _train(module, datamodule, chosen, prec, run_dir, finetune_epochs, probe is not None,
+                         progress, limit_batches)
 
-    labels = splits.classes
-    config = runs.model_config(classifier, chosen.model, labels, data_config,
-                               extra={"recipe": chosen.name, "version": __version__})
+    val_logits, val_labels = outcome.pop("val_outputs")
+    calibration = fit_temperature(val_logits, val_labels)
+    config = runs.model_config(classifier, chosen.model, splits.classes, data_config,
+                               extra={"recipe": chosen.name, "version": __version__,
+                                      "temperature": calibration.temperature})
     runs.save_model(run_dir, classifier, config)
-    rows = runs.read_epoch_metrics(run_dir / "metrics.csv")
-    runs.plot_curves(rows, run_dir / "curves.png")
-    train_s = timer.time_elapsed("train")
-    trained_images = _trained_images(rows, len(splits.train), trainer.current_epoch, limit_batches, chosen.batch_size)
+    skipped = sorted(module.skipped_files | set(checked.excluded))
     summary = {
         "run_dir": str(run_dir),
         "data_dir": str(data_dir),
         "recipe": chosen.name,
         "recipe_reason": reason,
+        "domain_gap": None if gap is None else {"score": gap.score, "threshold": gap.threshold,
+                                                "domain": gap.domain, "images": gap.images},
         "model": chosen.model,
-        "num_classes": len(labels),
-        "classes": labels,
+        "num_classes": num_classes,
+        "classes": splits.classes,
         "train_images": len(splits.train),
         "val_images": len(splits.val),
         "test_images": len(splits.test),
@@ -182,24 +222,141 @@ def fit(
         "images_per_class": images_per_class,
         "precision": prec.lightning,
         "precision_reason": prec.reason,
-        "epochs_run": trainer.current_epoch,
-        "best_epoch": _best_epoch(rows),
-        "val": val,
-        "test": test,
-        "skipped_files": len(module.skipped_files),
-        "skipped": sorted(module.skipped_files),
-        "timings": {"total_s": time.perf_counter() - started, "train_s": train_s,
-                    "validate_s": timer.time_elapsed("validate")},
-        "train_images_per_s": trained_images / train_s if train_s else math.nan,
+        "training": outcome["training"],
+        "epochs_run": outcome["epochs_run"],
+        "best_epoch": outcome["best_epoch"],
+        "val": outcome["val"],
+        "test": outcome["test"],
+        "calibration": calibration.to_dict(),
+        "probe": None if probe is None else {k: v for k, v in probe.items() if k not in ("skipped", "val_features")},
+        "skipped_files": len(skipped),
+        "skipped": skipped,
+        "preflight": checked.to_dict(),
+        "balance": checked.balance.to_dict(),
+        "timings": {"total_s": time.perf_counter() - started, **outcome["timings"]},
+        "train_images_per_s": outcome["train_images_per_s"],
         "trainable_parameters": module.trainable_summary(),
         "versions": _versions(),
     }
     runs.write_json(run_dir / "summary.json", summary)
     runs.write_report(run_dir / "report.md", summary)
-    if module.skipped_files:
-        log.warning("skipped %d unreadable file(s): %s", len(module.skipped_files),
-                    ", ".join(sorted(module.skipped_files)[:10]))
-    return FitResult(run_dir=run_dir, recipe=chosen, metrics=val, summary=summary)
+    if skipped:
+        log.warning("skipped %d unreadable file(s): %s", len(skipped), ", ".join(skipped[:10]))
+    return FitResult(run_dir=run_dir, recipe=chosen, metrics=outcome["val"], summary=summary)
+
+
+def _measure_domain(backbone: torch.nn.Module, splits: DatasetSplits, data_config: dict, prec: Precision,
+                    num_workers: int | None, seed: int):
+    """Domain gap on a seeded random sample of training images (all classes), eval transform."""
+    sample = random.Random(seed).sample(splits.train, min(DOMAIN_SAMPLE_IMAGES, len(splits.train)))
+    dataset = ImageFolderDataset(sample, build_transforms(data_config, False))
+    workers = default_num_workers() if num_workers is None else num_workers
+    loader = DataLoader(dataset, batch_size=64, num_workers=workers, collate_fn=collate_skipping)
+    return measure_domain_gap(backbone, loader, max_images=DOMAIN_SAMPLE_IMAGES, device=_device(),
+                              bf16=prec.lightning == "bf16-mixed")
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _use_probe(r: Recipe, classifier: Classifier) -> bool:
+    """Cached features need a frozen phase and a head that is one linear map of the cached vector."""
+    has_frozen_phase = not r.trains_backbone or r.freeze_epochs > 0
+    linear = classifier.multistage is not None or isinstance(classifier.backbone.get_classifier(), torch.nn.Linear)
+    return r.cached_features and has_frozen_phase and linear
+
+
+def _extract(classifier: Classifier, loader, prec: Precision) -> CachedFeatures:
+    return extract_features(classifier, loader, device=_device(), bf16=prec.lightning == "bf16-mixed",
+                            channels_last=prec.channels_last)
+
+
+def _probe(classifier: Classifier, datamodule: ImageFolderDataModule, r: Recipe, prec: Precision,
+           run_dir: Path) -> dict[str, Any]:
+    """Fit the head on features computed once (plus ``feature_views`` augmented passes); install it."""
+    classifier.set_trainable(0)
+    views = [_extract(classifier, datamodule.feature_loader("train"), prec)]
+    views += [_extract(classifier, datamodule.feature_loader("train", augment=True), prec)
+              for _ in range(r.feature_views)]
+    train = CachedFeatures(torch.cat([v.features for v in views]), torch.cat([v.labels for v in views]),
+                           sorted({p for v in views for p in v.skipped}), sum(v.seconds for v in views))
+    val = _extract(classifier, datamodule.feature_loader("val"), prec)
+    result = fit_linear_probe(train, val, classifier.num_classes)
+    classifier.set_linear_head(result.weight, result.bias, result.mean, result.std)
+    best = next(row for row in result.sweep if row["weight_decay"] == result.weight_decay)
+    runs.write_probe_sweep(run_dir, result.sweep)
+    log.info("probe: head fitted on cached features of %d images in %.1f s (weight decay %g, val acc %.4f)",
+             len(train.labels), train.seconds + val.seconds + result.seconds, result.weight_decay, best["val_acc"])
+    return {"weight_decay": result.weight_decay, "sweep": result.sweep, "views": 1 + r.feature_views,
+            "feature_dim": int(train.features.shape[1]), "features_s": train.seconds + val.seconds,
+            "fit_s": result.seconds, "skipped": sorted(set(train.skipped) | set(val.skipped)),
+            "val_features": val}
+
+
+def _finish_probe_only(module: TransferModule, probe: dict[str, Any], datamodule: ImageFolderDataModule,
+                       prec: Precision, run_dir: Path) -> dict[str, Any]:
+    """A frozen-backbone recipe is done after the probe: metrics come from the cached validation features."""
+    classifier = module.classifier
+    val: CachedFeatures = probe["val_features"]
+    with torch.inference_mode():
+        val_logits = classifier.head_logits(val.features)
+    metrics = metrics_from_logits(val_logits, val.labels, classifier.num_classes)
+    test = {}
+    if datamodule.has_test:
+        cached = _extract(classifier, datamodule.feature_loader("test"), prec)
+        module.skipped_files.update(cached.skipped)
+        with torch.inference_mode():
+            test = metrics_from_logits(classifier.head_logits(cached.features), cached.labels, classifier.num_classes)
+    runs.save_checkpoint(run_dir / "checkpoints", module.state_dict(), {"phase": "probe", "val": metrics})
+    runs.write_final_metrics(run_dir / "metrics.csv", metrics)
+    seconds = probe["features_s"] + probe["fit_s"]
+    return {"training": "probe: linear head by L-BFGS on cached features", "epochs_run": 0, "best_epoch": None,
+            "val": metrics, "test": test, "val_outputs": (val_logits, val.labels),
+            "timings": {"train_s": seconds}, "train_images_per_s": len(datamodule.splits.train) / seconds}
+
+
+def _train(module: TransferModule, datamodule: ImageFolderDataModule, r: Recipe, prec: Precision, run_dir: Path,
+           epochs: int, probed: bool, progress: bool, limit_batches: int | float | None) -> dict[str, Any]:
+    """Lightning epochs: all of them, or, after a probe, the fine-tuning epochs only (LP-FT)."""
+    timer = Timer()
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=MONITOR, mode="max",
+                                 save_last=True, enable_version_counter=False)
+    freeze_epochs = 0 if probed else r.freeze_epochs
+    callbacks: list[pl.Callback] = [StagedFinetuning(freeze_epochs, r.unfreeze_stages), checkpoint, timer]
+    if r.early_stopping:
+        callbacks.append(EarlyStopping(MONITOR, mode="max", patience=r.early_stopping))
+    if progress:
+        callbacks.append(RichProgressBar(leave=True))
+    trainer = pl.Trainer(
+        max_epochs=epochs, accelerator="auto", devices=1, precision=prec.lightning, logger=_loggers(run_dir),
+        callbacks=callbacks, enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
+        log_every_n_steps=5, limit_train_batches=limit_batches, limit_val_batches=limit_batches,
+    )
+    with warnings.catch_warnings():
+        for message in (".*does not have many workers.*", ".*Checkpoint directory.*exists and is not empty.*",
+                        ".*Experiment logs directory.*",  # ours: it already holds recipe.toml and split.json
+                        ".*module\\(s\\) in eval mode.*",  # frozen parts, on purpose
+                        ".*smaller than the logging interval.*"):
+            warnings.filterwarnings("ignore", message)
+        trainer.fit(module, datamodule=datamodule)
+        _load_best(module, checkpoint)
+        module.collect_outputs, module.outputs = True, []
+        val = _strip(trainer.validate(module, datamodule=datamodule, verbose=False)[0], "val/")
+        outputs = (torch.cat([o[0] for o in module.outputs]), torch.cat([o[1] for o in module.outputs]))
+        module.collect_outputs = False
+        test = {}
+        if datamodule.has_test:
+            test = _strip(trainer.test(module, datamodule=datamodule, verbose=False)[0], "test/")
+    rows = runs.read_epoch_metrics(run_dir / "metrics.csv")
+    runs.plot_curves(rows, run_dir / "curves.png")
+    train_s = timer.time_elapsed("train")
+    images = _trained_images(len(datamodule.splits.train), trainer.current_epoch, limit_batches, r.batch_size)
+    return {"training": ("LP-FT: probed head, then " if probed else "") + f"{trainer.current_epoch} epoch(s) "
+                        f"with Lightning", "epochs_run": trainer.current_epoch, "best_epoch": _best_epoch(rows),
+            "val": val, "test": test, "val_outputs": outputs,
+            "timings": {"train_s": train_s, "validate_s": timer.time_elapsed("validate")},
+            "train_images_per_s": images / train_s if train_s else math.nan}
 
 
 def _loggers(run_dir: Path) -> list[Logger]:
@@ -210,9 +367,11 @@ def _loggers(run_dir: Path) -> list[Logger]:
     return loggers
 
 
-def _optim_config(r: Recipe) -> OptimConfig:
+def _optim_config(r: Recipe, probed: bool = False) -> OptimConfig:
     names = {f.name for f in dataclasses.fields(OptimConfig)}
-    return OptimConfig(**{k: v for k, v in r.to_dict().items() if k in names})
+    config = OptimConfig(**{k: v for k, v in r.to_dict().items() if k in names})
+    # after a probe the head is already trained: fine-tuning starts at once, every group warming up together
+    return dataclasses.replace(config, freeze_epochs=0) if probed else config
 
 
 def _load_best(module: TransferModule, checkpoint: ModelCheckpoint) -> None:
@@ -232,7 +391,7 @@ def _best_epoch(rows: list[dict[str, float]]) -> int | None:
     return int(max(scored, key=lambda r: r[MONITOR])["epoch"]) if scored else None
 
 
-def _trained_images(rows, n_train: int, epochs: int, limit, batch_size: int) -> int:
+def _trained_images(n_train: int, epochs: int, limit: int | float | None, batch_size: int) -> int:
     if isinstance(limit, int):
         return min(n_train, limit * batch_size) * epochs
     return n_train * epochs
@@ -245,4 +404,3 @@ def _versions() -> dict[str, str]:
     return {"finetune": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "timm": timm.__version__, "pytorch_lightning": pl.__version__,
             "torchmetrics": torchmetrics.__version__, "albumentations": albumentations.__version__}
-

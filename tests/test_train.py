@@ -30,7 +30,13 @@ def test_fit_writes_a_self_describing_run_folder(name, tiny_folder, tmp_path):
               "model.safetensors", "config.json", "curves.png", "checkpoints/best.ckpt", "checkpoints/last.ckpt"):
         assert (run / f).is_file(), f
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["recipe"] == name and summary["epochs_run"] == 2
+    assert summary["recipe"] == name
+    if result.recipe.trains_backbone:  # LP-FT: the probe replaces the head warm-up epoch, then Lightning epochs
+        assert summary["training"].startswith("LP-FT") and summary["epochs_run"] == 1
+    else:  # the frozen backbone ran once; the head was fitted on cached features
+        assert summary["training"].startswith("probe") and summary["epochs_run"] == 0
+    assert summary["probe"]["weight_decay"] > 0 and (run / "probe.csv").is_file()
+    assert summary["calibration"]["temperature"] > 0
     assert set(result.metrics) >= {"acc", "balanced_acc", "macro_f1", "loss"}
     assert summary["val"] == result.metrics and 0 <= result.accuracy <= 1
     assert summary["skipped_files"] == 0 and summary["train_images"] + summary["val_images"] == 24
@@ -52,6 +58,15 @@ def test_fit_writes_a_self_describing_run_folder(name, tiny_folder, tmp_path):
             plain = timm.create_model(config["architecture"], num_classes=config["num_classes"])
             plain.load_state_dict(safetensors.torch.load_file(run / "model.safetensors"))
             assert torch.allclose(plain.eval()(x), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["small-similar", "large-similar"])
+def test_without_cached_features_every_epoch_runs_through_the_backbone(name, tiny_folder, tmp_path):
+    result = fit(
+        tiny_folder, name, model="test_efficientnet", pretrained=False, progress=False, out=tmp_path / "run",
+        num_workers=0, overrides={"epochs": 2, "batch_size": 8, "freeze_epochs": 1, "cached_features": False})
+    assert result.summary["epochs_run"] == 2 and result.summary["probe"] is None
+    assert result.summary["training"] == "2 epoch(s) with Lightning"
 
 
 def test_learns_the_tiny_task(tmp_path, image_folder):
@@ -113,9 +128,9 @@ def test_unreadable_files_are_skipped_named_and_counted(tiny_folder, tmp_path):
     (tiny_folder / "blue" / "truncated.png").write_bytes(good[: len(good) // 2])
     result = fit(tiny_folder, "small-similar", model="test_efficientnet", pretrained=False, epochs=2,
                  progress=False, out=tmp_path / "run", num_workers=0,
-                 overrides={"batch_size": 1})  # batch 1: every file is read (no drop_last), all-bad batches occur
+                 overrides={"batch_size": 1}, max_unusable_fraction=0.5)  # 3 of 27 is above the default 10%
     summary = result.summary
     bad = {"empty.jpg", "notes.png", "truncated.png"}
     assert summary["skipped_files"] == 3
     assert {p.rsplit("/", 1)[-1] for p in summary["skipped"]} == bad
-    assert summary["epochs_run"] == 2
+    assert set(summary["preflight"]["excluded"]) == set(summary["skipped"])  # found before any compute

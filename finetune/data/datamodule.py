@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from ..errors import ImageDecodeError
+from .balance import class_balanced_sampler
 from .folders import DatasetSplits, Sample
 from .images import load_rgb
 from .transforms import build_transforms, parse_data_config
@@ -101,7 +102,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     `augment` holds keyword arguments for the train transform (`scale_min`, `hflip`, `color_jitter`).
     `num_workers=None` picks `default_num_workers()`; `pin_memory=None` pins when CUDA is available.
-    `seed` fixes the shuffling order and the augmentation stream.
+    `seed` fixes the shuffling order and the augmentation stream. `class_balanced=True` replaces shuffling
+    with `balance.class_balanced_sampler` (every class drawn about equally often; see `balance.plan_balance`).
     """
 
     def __init__(
@@ -114,6 +116,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         augment: Mapping[str, Any] | None = None,
         pin_memory: bool | None = None,
         seed: int = 0,
+        class_balanced: bool = False,
     ) -> None:
         super().__init__()
         _check_loader_args(batch_size, num_workers, augment)
@@ -123,6 +126,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.seed = seed
+        self.class_balanced = bool(class_balanced)
         self.augment = dict(augment or {})
         cfg = parse_data_config(self.data_config)
         self.image_shape = (3, *cfg.size)
@@ -148,6 +152,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
         # drop_last avoids a tiny last batch (noisy BatchNorm statistics), unless it would leave no batch.
         drop_last = len(self.train_dataset) > self.batch_size
         generator = torch.Generator().manual_seed(self.seed)
+        if self.class_balanced and len(self.train_dataset) > 0:
+            sampler = class_balanced_sampler([s.label for s in self.splits.train], seed=self.seed)
+            return self._loader(self.train_dataset, drop_last=drop_last, sampler=sampler)
         return self._loader(self.train_dataset, shuffle=True, drop_last=drop_last, generator=generator)
 
     def val_dataloader(self) -> DataLoader[Item]:
@@ -157,6 +164,14 @@ class ImageFolderDataModule(pl.LightningDataModule):
         """The test loader; it has zero batches when the folder has no test split (see `has_test`)."""
         return self._loader(self.test_dataset)
 
+    def feature_loader(self, split: str, augment: bool = False) -> DataLoader[Item]:
+        """Every image of ``split`` once, in order (no shuffling, nothing dropped), for caching features:
+        the eval transform, or the training augmentation when ``augment`` (one augmented view per pass)."""
+        samples = {"train": self.splits.train, "val": self.splits.val, "test": self.splits.test}[split]
+        transform = self.train_transform if augment else self.eval_transform
+        # a one-off pass: persistent workers would outlive it for nothing
+        return self._loader(ImageFolderDataset(samples, transform), persistent=False)
+
     def _loader(
         self,
         dataset: ImageFolderDataset,
@@ -164,16 +179,19 @@ class ImageFolderDataModule(pl.LightningDataModule):
         shuffle: bool = False,
         drop_last: bool = False,
         generator: torch.Generator | None = None,
+        persistent: bool = True,
+        sampler: Sampler[int] | None = None,
     ) -> DataLoader[Item]:
         workers = self.num_workers if len(dataset) > 0 else 0
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             drop_last=drop_last,
             generator=generator,
             num_workers=workers,
-            persistent_workers=workers > 0,
+            persistent_workers=persistent and workers > 0,
             pin_memory=self.pin_memory,
             worker_init_fn=_seed_worker if workers > 0 else None,
             collate_fn=functools.partial(collate_skipping, image_shape=self.image_shape),

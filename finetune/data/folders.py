@@ -6,8 +6,9 @@ Two layouts are accepted::
     ROOT/train/<class>/...  ROOT/val/<class>/... (or valid/, validation/), optional ROOT/test/<class>/...
 
 Classes are the train class folders sorted by name; label i is `classes[i]`. Names starting with '.' are
-ignored everywhere. A split can be saved (paths relative to ROOT) and reused with `split_file=` so that a
-rerun trains and validates on exactly the same images.
+ignored everywhere, and so is `_quarantine` (where `finetune doctor --quarantine` puts bad files). A split
+can be saved (paths relative to ROOT) and reused with `split_file=` so that a rerun trains and validates on
+exactly the same images.
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ from .images import IMAGE_EXTENSIONS
 
 logger = logging.getLogger("finetune.data")
 
-SplitSource = Literal["folders", "generated", "file"]
+SplitSource = Literal["folders", "generated", "file", "labels"]
 
 VAL_DIR_NAMES = ("val", "valid", "validation")
 TEST_DIR_NAMES = ("test",)
 SPLIT_FILE_FORMAT = "finetune.splits"
 SPLIT_FILE_VERSION = 1
+QUARANTINE_DIR = "_quarantine"
 _LAYOUT_HINT = "expected ROOT/<class>/<images> or ROOT/train/<class>/... with ROOT/val/<class>/..."
 _SUPPORTED = ", ".join(sorted(IMAGE_EXTENSIONS))
 
@@ -257,7 +259,7 @@ def _images_under(class_dir: Path) -> tuple[list[Path], Counter[str]]:
 
 def _visible(folder: Path) -> list[Path]:
     try:
-        return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+        return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.name != QUARANTINE_DIR)
     except OSError as exc:
         raise DatasetError(
             f"cannot list folder {folder} ({exc.strerror or exc}); check its permissions"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,11 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 )
 """Lower-case suffixes (with the dot) that count as images; compare with `path.suffix.lower()`."""
+
+MAX_PIXELS = 178_956_970
+"""Images with more pixels (about 13,400 x 13,400) are refused from their header, before any decoding: a
+few kilobytes of compressed data can otherwise expand to gigabytes (a decompression bomb). This is Pillow's
+own hard limit, twice its default `Image.MAX_IMAGE_PIXELS`, fixed here so a changed global cannot lift it."""
 
 _WHITE = (255, 255, 255, 255)
 _ALPHA_MODES = frozenset({"RGBA", "LA", "La", "RGBa", "PA"})
@@ -37,20 +43,36 @@ def load_rgb(path: str | os.PathLike[str]) -> np.ndarray:
 
     Applies the EXIF orientation, composites transparency on white, takes the first frame of an animation
     and rescales 16-bit and float images to 8 bit. Raises `ImageDecodeError` (and nothing else) for
-    missing, empty, truncated, unreadable or oversized files.
+    missing, empty, truncated, unreadable or oversized files; its `kind` says which.
     """
     path = Path(path)
     try:
         if path.stat().st_size == 0:
-            raise ImageDecodeError(path, "empty file (0 bytes)")
-        with Image.open(path) as img:
+            raise ImageDecodeError(path, "empty file (0 bytes)", "empty_file")
+        with Image.open(path) as img:  # reads the header only
+            check_pixel_count(img.size, path)
             # Decode every byte now: Pillow is lazy, and a truncated file only fails on load().
             img.load()
             return _to_rgb_array(_upright(img, path))
     except ImageDecodeError:
         raise
     except Exception as exc:  # noqa: BLE001 - the contract is one error type for any bad file
-        raise ImageDecodeError(path, _reason(exc)) from exc
+        kind, reason = _failure(exc)
+        raise ImageDecodeError(path, reason, kind) from exc
+
+
+def check_pixel_count(size: tuple[int, int], path: str | os.PathLike[str], max_pixels: int | None = None) -> None:
+    """Raise `ImageDecodeError` (kind "decompression_bomb") when a (width, height) from a header has more
+    than `max_pixels` (default `MAX_PIXELS`) pixels."""
+    max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
+    width, height = size
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            path,
+            f"{width} x {height} = {width * height:,} pixels, over the limit of {max_pixels:,}: refused "
+            "without decoding (decompression bomb check)",
+            "decompression_bomb",
+        )
 
 
 def _upright(img: Image.Image, path: Path) -> Image.Image:
@@ -108,21 +130,26 @@ def _high_depth_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
-def _reason(exc: BaseException) -> str:
-    """A short human reason for a decode failure."""
+def _failure(exc: BaseException) -> tuple[str, str]:
+    """The kind (a `finetune.data.doctor.KINDS` name) and a short human reason for a decode failure."""
     message = str(exc)
-    if isinstance(exc, FileNotFoundError):
-        return "file not found"
-    if isinstance(exc, IsADirectoryError):
-        return "is a directory, not an image file"
+    lowered = message.lower()
     if isinstance(exc, PermissionError):
-        return "permission denied (make the file readable)"
-    if isinstance(exc, Image.DecompressionBombError):
-        return f"too many pixels to decode safely (decompression bomb check: {message})"
+        return "permission_denied", "permission denied (make the file readable)"
+    if isinstance(exc, FileNotFoundError):
+        return "unreadable", "file not found"
+    if isinstance(exc, IsADirectoryError):
+        return "unreadable", "is a directory, not an image file"
+    if isinstance(exc, Image.DecompressionBombError):  # Pillow's check on the header, before decoding
+        pixels = re.search(r"\((\d+) pixels\)", message)
+        count = f"{int(pixels.group(1)):,} pixels" if pixels else "too many pixels"
+        return "decompression_bomb", f"{count}: refused without decoding (decompression bomb check)"
     if isinstance(exc, UnidentifiedImageError):
-        return "not an image Pillow can read (wrong extension, unsupported format or garbage bytes)"
-    if "truncated" in message.lower() or "broken data stream" in message.lower():
-        return "truncated file (the image data ends early)"
+        return "not_an_image", "not an image Pillow can read (wrong extension, unsupported format or garbage bytes)"
+    if "truncated" in lowered:
+        return "truncated", "truncated file (the image data ends early)"
     if isinstance(exc, MemoryError):
-        return "out of memory while decoding"
-    return f"corrupt or unsupported image data ({type(exc).__name__}: {message})"
+        return "unreadable", "out of memory while decoding"
+    if "broken data stream" in lowered:  # Pillow's message when the decoder rejects the compressed data
+        return "corrupt", "corrupt image data (the decoder rejected the compressed data)"
+    return "corrupt", f"corrupt or unsupported image data ({type(exc).__name__}: {message})"

@@ -73,10 +73,48 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.multistage is None:
             return self.backbone(x)
+        return self.multistage(self._pooled_stages(x))
+
+    def _pooled_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         final, intermediates = self.backbone.forward_intermediates(x, indices=self.head_stages)
         pooled = [f.float().mean(dim=(2, 3)) for f in intermediates]
         pooled.append(self.backbone.forward_head(final, pre_logits=True).float())
-        return self.multistage(pooled)
+        return pooled
+
+    def head_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The vector the head reads: what a frozen backbone computes once and caches."""
+        if self.multistage is None:
+            return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+        return torch.cat(self._pooled_stages(x), dim=1)
+
+    def head_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The head alone, on cached ``head_features``."""
+        if self.multistage is None:
+            return self.backbone.get_classifier()(features)
+        return self.multistage.fc(self.multistage.drop(self.multistage.norm(features)))
+
+    def set_linear_head(self, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Install a linear classifier fitted on standardised features ``(f - mean) / std``.
+
+        The multi-stage head keeps the standardisation in its BatchNorm (running statistics = the feature
+        statistics, identity affine); timm's linear head absorbs it into its weights, so the exported model is
+        still plain timm.
+        """
+        with torch.no_grad():
+            if self.multistage is None:
+                fc = self.backbone.get_classifier()
+                if not isinstance(fc, nn.Linear):
+                    raise TypeError(f"{type(self.backbone).__name__}'s classifier is not a Linear layer")
+                fc.weight.copy_(weight / std)
+                fc.bias.copy_(bias - (weight * mean / std).sum(dim=1))
+            else:
+                norm = self.multistage.norm
+                norm.running_mean.copy_(mean)
+                norm.running_var.copy_(std**2 - norm.eps)
+                norm.weight.fill_(1.0)
+                norm.bias.zero_()
+                self.multistage.fc.weight.copy_(weight)
+                self.multistage.fc.bias.copy_(bias)
 
     # --- groups -----------------------------------------------------------------------------------
     def head_parameter_names(self) -> list[str]:

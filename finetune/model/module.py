@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
@@ -66,6 +65,8 @@ class TransferModule(pl.LightningModule):
         self.test_metrics = make_metrics(classifier.num_classes).clone(prefix="test/")
         self.skipped_files: set[str] = set()
         self.group_specs: list[GroupSpec] = []
+        self.collect_outputs = False  # when set, evaluation steps keep (logits, labels) for calibration
+        self.outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -78,6 +79,8 @@ class TransferModule(pl.LightningModule):
         if images.shape[0] == 0:  # every image of this batch failed to decode
             return None
         logits = self(images)
+        if self.collect_outputs and stage != "train":
+            self.outputs.append((logits.detach().float().cpu(), labels.cpu()))
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.optim.label_smoothing)
         metrics.update(logits.float(), labels)
         on_step = stage == "train"
@@ -131,5 +134,9 @@ class _GroupSchedule:
         return warmup_cosine(step, self.start, self.warmup, self.total, self.min_ratio)
 
 
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """The validation metrics of :class:`TransferModule`, computed on logits already in memory."""
+    metrics = make_metrics(num_classes)
+    metrics.update(logits.float(), labels)
+    values = {k: float(v) for k, v in metrics.compute().items()}
+    return {"loss": float(F.cross_entropy(logits.float(), labels)), **values}

@@ -159,3 +159,21 @@ def test_decode_error_pickles_with_its_fields() -> None:
 def test_extensions_are_case_insensitive() -> None:
     assert {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"} == set(IMAGE_EXTENSIONS)
     assert is_image_file("a/B.JPG") and is_image_file("x.Tiff") and not is_image_file("notes.txt")
+
+
+def test_our_pixel_limit_refuses_from_the_header(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "big.png"
+    Image.new("RGB", (100, 100)).save(path)
+    monkeypatch.setattr(images, "MAX_PIXELS", 5000)  # Pillow's own limit is untouched: ours applies
+    with pytest.raises(ImageDecodeError, match="refused without decoding") as info:
+        load_rgb(path)
+    assert info.value.kind == "decompression_bomb"
+
+
+@pytest.mark.parametrize(("name", "kind"), [("bad_empty.jpg", "empty_file"), ("bad_truncated.jpg", "truncated"),
+                                            ("bad_text.jpg", "not_an_image")])
+def test_decode_errors_carry_a_kind(mixed_folder: dict[str, Path], name: str, kind: str) -> None:
+    with pytest.raises(ImageDecodeError) as info:
+        load_rgb(mixed_folder[name])
+    assert info.value.kind == kind
+    assert pickle.loads(pickle.dumps(info.value)).kind == kind
