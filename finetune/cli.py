@@ -78,6 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list backbones whose pretrained weights work offline")
 
+    p = sub.add_parser("inspect", help="measure data size and domain gap, and say which recipe auto would pick",
+                       description="Prints the measurements `fit --recipe auto` acts on, without training: images "
+                                   "per class against the small/large threshold, and the domain gap (how far the "
+                                   "images are from ImageNet, from the backbone's BatchNorm statistics).")
+    p.add_argument("data", help="image folder")
+    p.add_argument("--model", help="timm backbone with pretrained weights (default tf_efficientnet_lite0)")
+    p.add_argument("--labels", metavar="FILE.csv", help="labels CSV (path,label[,split]) instead of folders")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
     p = sub.add_parser("doctor", help="find, explain and quarantine bad files in an image folder",
                        description="Scan DIR (any layout fit accepts) for unreadable, dangerous, mislabelled, "
                                    "leaking and unbalanced data. Exit status 0 when nothing blocks training, "
@@ -175,6 +184,33 @@ def cmd_recipes(args: argparse.Namespace) -> int:
             trains += f" after {r.freeze_epochs} epoch(s)"
         table.add_row(name, trains, r.head, str(r.epochs), r.description)
     out.print(table)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from .choice import inspect_dataset
+
+    result = inspect_dataset(args.data, model=args.model, labels=args.labels)
+    if args.json:
+        out.print_json(json.dumps(result.to_dict()))
+        return 0
+    table = Table(title=f"{result.data_dir}")
+    table.add_column("measurement")
+    table.add_column("value", justify="right")
+    table.add_column("threshold", justify="right")
+    table.add_row("classes", str(len(result.classes)), "")
+    table.add_row("train / val / test images", f"{result.train_images} / {result.val_images} / {result.test_images}",
+                  "")
+    from .recipes import SMALL_DATA_IMAGES_PER_CLASS
+
+    table.add_row("training images per class", f"{result.images_per_class:.1f}", f"{SMALL_DATA_IMAGES_PER_CLASS}")
+    gap = result.domain_gap
+    table.add_row(f"domain gap ({result.model})", "n/a" if gap is None else f"{gap.score:.3f}",
+                  "" if gap is None else f"{gap.threshold}")
+    out.print(table)
+    out.print(f"recipe auto would choose: [bold]{result.recipe}[/] ({escape(result.reason)})")
     return 0
 
 
@@ -400,8 +436,8 @@ def _print_doctor(report, max_rows: int) -> None:
               highlight=False)
 
 
-COMMANDS = {"doctor": cmd_doctor, "fit": cmd_fit, "recipes": cmd_recipes, "models": cmd_models, "export": cmd_export,
-            "predict": cmd_predict, "evaluate": cmd_evaluate}
+COMMANDS = {"fit": cmd_fit, "inspect": cmd_inspect, "doctor": cmd_doctor, "recipes": cmd_recipes,
+            "models": cmd_models, "export": cmd_export, "predict": cmd_predict, "evaluate": cmd_evaluate}
 
 
 def _setup_logging(verbose: bool) -> None:

@@ -18,7 +18,6 @@ import importlib.util
 import logging
 import math
 import platform
-import random
 import time
 import warnings
 from collections.abc import Mapping
@@ -31,24 +30,14 @@ import timm
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar, Timer
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
-from torch.utils.data import DataLoader
 
 from . import __version__, recipes, runs
 from .calibration import fit_temperature
-from .data import (
-    DatasetSplits,
-    ImageFolderDataModule,
-    ImageFolderDataset,
-    build_transforms,
-    collate_skipping,
-    default_num_workers,
-    scan_image_folder,
-)
+from .choice import DOMAINS, base_recipe, domain_sentence, load_splits, measure_domain, resolve_recipe
+from .data import ImageFolderDataModule
 from .data.doctor import MAX_UNUSABLE_FRACTION, preflight
-from .data.labels import read_labels_csv
 from .model.backbones import create_backbone
 from .model.classifier import Classifier
-from .model.domain import measure_domain_gap
 from .model.freezing import StagedFinetuning
 from .model.module import OptimConfig, TransferModule, metrics_from_logits
 from .model.probe import CachedFeatures, extract_features, fit_linear_probe
@@ -58,8 +47,6 @@ from .runtime import Precision, choose_precision, tune_allocator
 log = logging.getLogger("finetune")
 
 MONITOR = "val/acc"
-DOMAIN_SAMPLE_IMAGES = 256  # a single forward pass over this many training images measures the domain gap
-DOMAINS = ("auto", "similar", "different")
 
 
 @dataclass
@@ -72,37 +59,6 @@ class FitResult:
     @property
     def accuracy(self) -> float:
         return self.metrics["acc"]
-
-
-def resolve_recipe(
-    recipe: str | Path | Recipe,
-    images_per_class: float,
-    domain: str = "similar",
-    overrides: Mapping[str, Any] | None = None,
-    domain_reason: str | None = None,
-) -> tuple[Recipe, str]:
-    """The recipe to run and why: ``"auto"`` picks one of the four cases by data size and domain."""
-    if isinstance(recipe, Recipe):
-        chosen, reason = recipe, "given as a Recipe object"
-    elif str(recipe) == "auto":
-        name, reason = recipes.choose(images_per_class, domain, domain_reason)
-        chosen = recipes.get(name)
-    else:
-        chosen, reason = recipes.get(recipe), "chosen by the user"
-    if overrides:
-        chosen = chosen.override(overrides)
-        reason += "; overrides: " + ", ".join(f"{k}={v}" for k, v in overrides.items())
-    return chosen, reason
-
-
-def load_splits(data_dir: Path, *, labels: str | Path | None = None, split_file: str | Path | None = None,
-                val_fraction: float = 0.2, seed: int = 0) -> DatasetSplits:
-    """The train/val(/test) file lists: from a labels CSV, a saved split, or the folder layout."""
-    if labels is not None and split_file is not None:
-        raise recipes.RecipeError("--labels and --split both define the split: give one of them")
-    if labels is not None:
-        return read_labels_csv(labels, data_dir, val_fraction=val_fraction, seed=seed)
-    return scan_image_folder(data_dir, val_fraction=val_fraction, seed=seed, split_file=split_file)
 
 
 def fit(
@@ -147,21 +103,14 @@ def fit(
     merged = {k: v for k, v in shortcuts.items() if v is not None} | dict(overrides or {})
     prec = choose_precision(precision)
 
-    base = recipe if isinstance(recipe, Recipe) else (Recipe(name="auto") if str(recipe) == "auto"
-                                                      else recipes.get(recipe))
-    base = base.override({k: v for k, v in merged.items() if k in ("model", "pretrained")})
+    base = base_recipe(recipe, merged)
     backbone = create_backbone(base.model, pretrained=base.pretrained, num_classes=num_classes, weights=weights)
     data_config = timm.data.resolve_model_data_config(backbone)
     gap, domain_reason = None, None
     if str(recipe) == "auto" and domain == "auto":
         if base.pretrained:
-            gap = _measure_domain(backbone, splits, data_config, prec, num_workers, seed)
-            domain = gap.domain
-            relation = ">" if domain == "different" else "<="
-            domain_reason = (f"domain gap {gap.score:.3f} {relation} {gap.threshold} (BatchNorm statistics of "
-                             f"{base.model} on {gap.images} training images) -> {domain}")
-        else:
-            domain, domain_reason = "similar", "domain not measured (no pretrained weights), assumed 'similar'"
+            gap = measure_domain(backbone, splits, data_config, prec, num_workers=num_workers, seed=seed)
+        domain, domain_reason = domain_sentence(gap, base.model, base.pretrained)
     chosen, reason = resolve_recipe(recipe, images_per_class, "similar" if domain == "auto" else domain, merged,
                                     domain_reason)
     log.info("recipe %s: %s", chosen.name, reason)
@@ -243,17 +192,6 @@ def fit(
     if skipped:
         log.warning("skipped %d unreadable file(s): %s", len(skipped), ", ".join(skipped[:10]))
     return FitResult(run_dir=run_dir, recipe=chosen, metrics=outcome["val"], summary=summary)
-
-
-def _measure_domain(backbone: torch.nn.Module, splits: DatasetSplits, data_config: dict, prec: Precision,
-                    num_workers: int | None, seed: int):
-    """Domain gap on a seeded random sample of training images (all classes), eval transform."""
-    sample = random.Random(seed).sample(splits.train, min(DOMAIN_SAMPLE_IMAGES, len(splits.train)))
-    dataset = ImageFolderDataset(sample, build_transforms(data_config, False))
-    workers = default_num_workers() if num_workers is None else num_workers
-    loader = DataLoader(dataset, batch_size=64, num_workers=workers, collate_fn=collate_skipping)
-    return measure_domain_gap(backbone, loader, max_images=DOMAIN_SAMPLE_IMAGES, device=_device(),
-                              bf16=prec.lightning == "bf16-mixed")
 
 
 def _device() -> str:
