@@ -103,16 +103,8 @@ def fit(
     merged = {k: v for k, v in shortcuts.items() if v is not None} | dict(overrides or {})
     prec = choose_precision(precision)
 
-    base = base_recipe(recipe, merged)
-    backbone = create_backbone(base.model, pretrained=base.pretrained, num_classes=num_classes, weights=weights)
-    data_config = timm.data.resolve_model_data_config(backbone)
-    gap, domain_reason = None, None
-    if str(recipe) == "auto" and domain == "auto":
-        if base.pretrained:
-            gap = measure_domain(backbone, splits, data_config, prec, num_workers=num_workers, seed=seed)
-        domain, domain_reason = domain_sentence(gap, base.model, base.pretrained)
-    chosen, reason = resolve_recipe(recipe, images_per_class, "similar" if domain == "auto" else domain, merged,
-                                    domain_reason)
+    backbone, data_config, chosen, reason, gap = _choose(recipe, domain, merged, splits, prec, weights,
+                                                         num_workers, seed)
     log.info("recipe %s: %s", chosen.name, reason)
 
     pl.seed_everything(seed, workers=True, verbose=False)
@@ -192,6 +184,24 @@ def fit(
     if skipped:
         log.warning("skipped %d unreadable file(s): %s", len(skipped), ", ".join(skipped[:10]))
     return FitResult(run_dir=run_dir, recipe=chosen, metrics=outcome["val"], summary=summary)
+
+
+def _choose(recipe: str | Path | Recipe, domain: str, merged: dict[str, Any], splits, prec: Precision,
+            weights: str | Path | None, num_workers: int | None, seed: int):
+    """The pretrained backbone and the recipe: ``auto`` measures the domain gap with that backbone first."""
+    base = base_recipe(recipe, merged)
+    backbone = create_backbone(base.model, pretrained=base.pretrained, num_classes=len(splits.classes),
+                               weights=weights)
+    data_config = timm.data.resolve_model_data_config(backbone)
+    gap, domain_reason = None, None
+    if str(recipe) == "auto" and domain == "auto":
+        if base.pretrained:
+            gap = measure_domain(backbone, splits, data_config, prec, num_workers=num_workers, seed=seed)
+        domain, domain_reason = domain_sentence(gap, base.model, base.pretrained)
+    per_class = len(splits.train) / len(splits.classes)
+    chosen, reason = resolve_recipe(recipe, per_class, "similar" if domain == "auto" else domain, merged,
+                                    domain_reason)
+    return backbone, data_config, chosen, reason, gap
 
 
 def _device() -> str:
