@@ -175,14 +175,20 @@ def cmd_recipes(args: argparse.Namespace) -> int:
         out.print(recipes.source_text(args.name), markup=False, highlight=False)
         return 0
     table = Table(title="built-in recipes (finetune recipes NAME shows one in full)")
-    for column in ("name", "backbone", "head", "epochs", "description"):
+    for column in ("name", "backbone", "head", "training", "description"):
         table.add_column(column, no_wrap=column == "name")
     for name in recipes.names():
         r = recipes.get(name)
         trains = {0: "frozen", -1: "all unfrozen"}.get(r.unfreeze_stages, f"top {r.unfreeze_stages} stages")
         if r.trains_backbone:
             trains += f" after {r.freeze_epochs} epoch(s)"
-        table.add_row(name, trains, r.head, str(r.epochs), r.description)
+        if r.cached_features and not r.trains_backbone:
+            schedule = "probe (L-BFGS on cached features)"
+        elif r.cached_features and r.freeze_epochs:
+            schedule = f"probe, then {r.epochs - r.freeze_epochs} epochs"
+        else:
+            schedule = f"{r.epochs} epochs"
+        table.add_row(name, trains, r.head, schedule, r.description)
     out.print(table)
     return 0
 
@@ -239,8 +245,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     manifest = export_run(args.run, args.format, args.out, images=images)
     table = Table(title=f"export of {args.run}: parity with the trained model on {len(manifest['parity_images'])} "
                         "images")
-    for column in ("format", "file", "MB", "top-1 agreement", "max |dp| batch 1", "max |dp| batch 7"):
-        table.add_column(column, justify="left" if column in ("format", "file") else "right")
+    for column in ("format", "file", "MB", "top-1 agree", "max |dp| bs 1", "max |dp| bs 7"):
+        table.add_column(column, justify="left" if column in ("format", "file") else "right", no_wrap=True)
     for fmt, entry in manifest["formats"].items():
         sizes = entry["parity"]["batch_sizes"]
         agreement = min(f["top1_agreement"] for f in sizes.values())
