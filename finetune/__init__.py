@@ -23,6 +23,7 @@ _EXPORTS = {
     "WeightsUnavailableError": ".model.backbones",
     "fit": ".train",
     "FitResult": ".train",
+    "load": ".predict",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from . import recipes
     from .errors import DatasetError, FinetuneError, ImageDecodeError, RecipeError
     from .model.backbones import WeightsUnavailableError, create_backbone, list_offline_backbones
+    from .predict import load
     from .recipes import Recipe
     from .train import FitResult, fit
 

@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("auto", "bf16", "fp32", "16"), default="auto",
                    help="auto: bf16 + channels_last where the hardware has bf16, else fp32")
     p.add_argument("--workers", type=int, help="data-loading processes (default: from the CPU count)")
+    p.add_argument("--export", default="safetensors,onnx", metavar="FORMATS",
+                   help="formats exported (and parity-checked) into RUN/export at the end: any of safetensors, "
+                        "onnx, torchscript (default safetensors,onnx)")
+    p.add_argument("--no-export", dest="export", action="store_const", const="", help="skip the export")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
     p = sub.add_parser("recipes", help="list the built-in recipes, or show one in full")
@@ -151,6 +155,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         overrides=_parse_set(args.set), domain=args.domain, out=args.out, split_file=args.split,
         val_fraction=args.val_fraction, seed=args.seed, precision=args.precision, weights=args.weights,
         pretrained=args.pretrained, num_workers=args.workers, progress=args.progress,
+        export=args.export or None,
         labels=args.labels,
     )
     s = result.summary

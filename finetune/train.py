@@ -20,7 +20,7 @@ import math
 import platform
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from .calibration import fit_temperature
 from .choice import DOMAINS, base_recipe, domain_sentence, load_splits, measure_domain, resolve_recipe
 from .data import ImageFolderDataModule
 from .data.doctor import MAX_UNUSABLE_FRACTION, preflight
+from .export import export_run
 from .model.backbones import create_backbone
 from .model.classifier import Classifier
 from .model.freezing import StagedFinetuning
@@ -47,6 +48,7 @@ from .runtime import Precision, choose_precision, tune_allocator
 log = logging.getLogger("finetune")
 
 MONITOR = "val/acc"
+DEFAULT_EXPORT = ("safetensors", "onnx")  # portable and parity-checked at the end of every fit
 
 
 @dataclass
@@ -82,12 +84,14 @@ def fit(
     progress: bool = True,
     limit_batches: int | float | None = None,
     max_unusable_fraction: float = MAX_UNUSABLE_FRACTION,
+    export: str | Sequence[str] | None = DEFAULT_EXPORT,
 ) -> FitResult:
     """Fine-tune a pretrained backbone on an image folder; write a self-describing run folder.
 
     ``overrides`` are recipe fields (``{"lr": 3e-4}``); ``model``, ``epochs``, ``batch_size`` and
     ``pretrained`` are shortcuts for the same. ``domain="auto"`` measures how far the images are from
-    ImageNet (used by ``recipe="auto"``). ``limit_batches`` caps batches per epoch (smoke tests).
+    ImageNet (used by ``recipe="auto"``). ``limit_batches`` caps batches per epoch (smoke tests). ``export``
+    lists the formats written to ``RUN/export`` and parity-checked at the end (None: no export).
     """
     started = time.perf_counter()
     tune_allocator()
@@ -145,6 +149,12 @@ def fit(
                                extra={"recipe": chosen.name, "version": __version__,
                                       "temperature": calibration.temperature})
     runs.save_model(run_dir, classifier, config)
+    exported = None
+    if export:
+        export_started = time.perf_counter()
+        manifest = export_run(run_dir, export)
+        exported = {"seconds": time.perf_counter() - export_started,
+                    **{fmt: entry["parity"] for fmt, entry in manifest["formats"].items()}}
     skipped = sorted(module.skipped_files | set(checked.excluded))
     summary = {
         "run_dir": str(run_dir),
@@ -169,6 +179,7 @@ def fit(
         "val": outcome["val"],
         "test": outcome["test"],
         "calibration": calibration.to_dict(),
+        "export": exported,
         "probe": None if probe is None else {k: v for k, v in probe.items() if k not in ("skipped", "val_features")},
         "skipped_files": len(skipped),
         "skipped": skipped,

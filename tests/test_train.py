@@ -19,7 +19,7 @@ FAST = {"epochs": 2, "batch_size": 8, "freeze_epochs": 1, "head_stages": 2}
 def _fit(folder, name, tmp_path, **kwargs):
     overrides = dict(FAST) if recipes.get(name).trains_backbone else {"epochs": 2, "batch_size": 8, "head_stages": 2}
     return fit(folder, name, model="test_efficientnet", pretrained=False, overrides=overrides,
-               out=tmp_path / "run", progress=False, num_workers=0, **kwargs)
+               out=tmp_path / "run", progress=False, num_workers=0, export=None, **kwargs)
 
 
 @pytest.mark.parametrize("name", recipes.names())
@@ -64,7 +64,7 @@ def test_fit_writes_a_self_describing_run_folder(name, tiny_folder, tmp_path):
 def test_without_cached_features_every_epoch_runs_through_the_backbone(name, tiny_folder, tmp_path):
     result = fit(
         tiny_folder, name, model="test_efficientnet", pretrained=False, progress=False, out=tmp_path / "run",
-        num_workers=0, overrides={"epochs": 2, "batch_size": 8, "freeze_epochs": 1, "cached_features": False})
+        num_workers=0, export=None, overrides={"epochs": 2, "batch_size": 8, "freeze_epochs": 1, "cached_features": False})
     assert result.summary["epochs_run"] == 2 and result.summary["probe"] is None
     assert result.summary["training"] == "2 epoch(s) with Lightning"
 
@@ -72,25 +72,25 @@ def test_without_cached_features_every_epoch_runs_through_the_backbone(name, tin
 def test_learns_the_tiny_task(tmp_path, image_folder):
     folder = image_folder(tmp_path / "data", per_class=12, split=True)
     result = fit(folder, "small-similar", model="test_efficientnet", pretrained=False, progress=False,
-                 out=tmp_path / "run", num_workers=0, overrides={"epochs": 4, "lr": 0.05, "batch_size": 8})
+                 out=tmp_path / "run", num_workers=0, export=None, overrides={"epochs": 4, "lr": 0.05, "batch_size": 8})
     assert result.summary["split_source"] == "folders"
     assert result.accuracy == 1.0  # colour is trivially separable even on random features
 
 
 def test_auto_recipe_explains_itself(tiny_folder, tmp_path):
     result = fit(tiny_folder, "auto", model="test_efficientnet", pretrained=False, epochs=1, progress=False,
-                 out=tmp_path / "run", num_workers=0)
+                 out=tmp_path / "run", num_workers=0, export=None)
     assert result.recipe.name == "small-similar"
     assert "images per class" in result.summary["recipe_reason"]
     result = fit(tiny_folder, "auto", domain="different", model="test_efficientnet", pretrained=False, epochs=1,
-                 progress=False, out=tmp_path / "run2", num_workers=0, overrides={"head_stages": 2})
+                 progress=False, out=tmp_path / "run2", num_workers=0, export=None, overrides={"head_stages": 2})
     assert result.recipe.name == "small-different"
 
 
 def test_rerun_with_split_file_reuses_the_split(tiny_folder, tmp_path):
     first = _fit(tiny_folder, "small-similar", tmp_path, seed=1)
     second = fit(tiny_folder, "small-similar", model="test_efficientnet", pretrained=False, epochs=1,
-                 progress=False, out=tmp_path / "again", num_workers=0, seed=7,
+                 progress=False, out=tmp_path / "again", num_workers=0, export=None, seed=7,
                  split_file=first.run_dir / "split.json")
     a, b = (json.loads((r.run_dir / "split.json").read_text()) for r in (first, second))
     assert (a["train"], a["val"]) == (b["train"], b["val"]) and b["split_source"] == "file"
@@ -103,6 +103,9 @@ def test_cli_fit_and_errors(tiny_folder, tmp_path, capsys):
                  "--no-progress", "--workers", "0"])
     assert code == 0
     assert "validation accuracy:" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
+    assert summary["export"]["onnx"]["passed"]  # fit exports and parity-checks by default
+    assert (tmp_path / "cli" / "export" / "model.onnx").is_file()
     assert main(["fit", str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
     assert main(["fit", str(tiny_folder), "--set", "lr=fast", "--out", str(tmp_path / "x")]) == 2
@@ -127,7 +130,7 @@ def test_unreadable_files_are_skipped_named_and_counted(tiny_folder, tmp_path):
     good = (tiny_folder / "blue" / "0.png").read_bytes()
     (tiny_folder / "blue" / "truncated.png").write_bytes(good[: len(good) // 2])
     result = fit(tiny_folder, "small-similar", model="test_efficientnet", pretrained=False, epochs=2,
-                 progress=False, out=tmp_path / "run", num_workers=0,
+                 progress=False, out=tmp_path / "run", num_workers=0, export=None,
                  overrides={"batch_size": 1}, max_unusable_fraction=0.5)  # 3 of 27 is above the default 10%
     summary = result.summary
     bad = {"empty.jpg", "notes.png", "truncated.png"}
