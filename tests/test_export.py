@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from conftest import make_image_folder
+from imagefolders import make_image_folder
 
 from finetune import export, runs
 from finetune.cli import main

@@ -64,7 +64,8 @@ def test_fit_writes_a_self_describing_run_folder(name, tiny_folder, tmp_path):
 def test_without_cached_features_every_epoch_runs_through_the_backbone(name, tiny_folder, tmp_path):
     result = fit(
         tiny_folder, name, model="test_efficientnet", pretrained=False, progress=False, out=tmp_path / "run",
-        num_workers=0, export=None, overrides={"epochs": 2, "batch_size": 8, "freeze_epochs": 1, "cached_features": False})
+        num_workers=0, export=None,
+        overrides={"epochs": 2, "batch_size": 8, "freeze_epochs": 1, "cached_features": False})
     assert result.summary["epochs_run"] == 2 and result.summary["probe"] is None
     assert result.summary["training"] == "2 epoch(s) with Lightning"
 

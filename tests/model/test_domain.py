@@ -72,7 +72,10 @@ def test_real_data_sets_land_on_the_right_side_of_the_threshold(name, reference)
 def test_a_backbone_without_batchnorm_is_not_measured(tiny_folder, monkeypatch):
     from finetune import choice
 
-    monkeypatch.setattr(choice, "create_backbone", lambda name, **kw: timm.create_model("test_vit", num_classes=kw["num_classes"]))
+    def vit(name, **kwargs):  # a tiny backbone without BatchNorm, random weights (no hub download)
+        return timm.create_model("test_vit", num_classes=kwargs["num_classes"])
+
+    monkeypatch.setattr(choice, "create_backbone", vit)
     result = inspect_dataset(tiny_folder, model="test_vit", num_workers=0)
     assert result.domain_gap is None and result.recipe == "small-similar"
     assert "no BatchNorm statistics" in result.reason
