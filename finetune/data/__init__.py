@@ -1,5 +1,6 @@
 """Image folder -> decoded RGB -> backbone-sized tensors -> Lightning batches."""
 
+from .cache import DecodedImageCache
 from .datamodule import ImageFolderDataModule, ImageFolderDataset, collate_skipping, default_num_workers
 from .folders import DatasetSplits, Sample, scan_image_folder
 from .images import IMAGE_EXTENSIONS, is_image_file, load_rgb
@@ -8,6 +9,7 @@ from .transforms import ResizeCenterCrop, build_transforms, parse_data_config
 __all__ = [
     "IMAGE_EXTENSIONS",
     "DatasetSplits",
+    "DecodedImageCache",
     "ImageFolderDataModule",
     "ImageFolderDataset",
     "ResizeCenterCrop",

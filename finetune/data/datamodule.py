@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from ..errors import ImageDecodeError
 from .balance import class_balanced_sampler
+from .cache import DecodedImageCache, FillStats
 from .folders import DatasetSplits, Sample
 from .images import load_rgb
 from .transforms import build_transforms, parse_data_config
@@ -39,12 +40,15 @@ class ImageFolderDataset(Dataset[Item]):
     """Samples decoded with `load_rgb` and passed through an albumentations-style transform.
 
     Item i is `(tensor, label, None)`, or `(None, label, path)` when the file cannot be decoded (a warning
-    naming the file is logged on the "finetune.data" logger).
+    naming the file is logged on the "finetune.data" logger). With a `DecodedImageCache`, images it holds
+    are read from it instead of being decoded (see `finetune.data.cache`).
     """
 
-    def __init__(self, samples: Sequence[Sample], transform: Callable[..., dict[str, Any]]) -> None:
+    def __init__(self, samples: Sequence[Sample], transform: Callable[..., dict[str, Any]],
+                 cache: DecodedImageCache | None = None) -> None:
         self.samples = list(samples)
         self.transform = transform
+        self.cache = cache
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -52,7 +56,7 @@ class ImageFolderDataset(Dataset[Item]):
     def __getitem__(self, index: int) -> Item:
         sample = self.samples[index]
         try:
-            image = load_rgb(sample.path)
+            image = load_rgb(sample.path) if self.cache is None else self.cache.load(sample.path)
         except ImageDecodeError as exc:
             logger.warning("skipping %s: %s", sample.path, exc.reason)
             return None, sample.label, str(sample.path)
@@ -77,11 +81,14 @@ def collate_skipping(batch: Sequence[Item], image_shape: tuple[int, int, int] | 
 
 def default_num_workers() -> int:
     """One worker per CPU this process may use, minus one for the main process, at most 8."""
+    return max(0, min(_cpu_count() - 1, MAX_DEFAULT_WORKERS))
+
+
+def _cpu_count() -> int:
     try:
-        cpus = len(os.sched_getaffinity(0))  # respects container / taskset limits, unlike cpu_count
+        return len(os.sched_getaffinity(0))  # respects container / taskset limits, unlike cpu_count
     except AttributeError:  # macOS, Windows
-        cpus = os.cpu_count() or 1
-    return max(0, min(cpus - 1, MAX_DEFAULT_WORKERS))
+        return os.cpu_count() or 1
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -104,6 +111,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
     `num_workers=None` picks `default_num_workers()`; `pin_memory=None` pins when CUDA is available.
     `seed` fixes the shuffling order and the augmentation stream. `class_balanced=True` replaces shuffling
     with `balance.class_balanced_sampler` (every class drawn about equally often; see `balance.plan_balance`).
+    `decoded_cache=True` reads images through a `DecodedImageCache` of `splits.root` (default location and
+    budget), filled with every split's images before the first loader starts; pass a `DecodedImageCache` to
+    choose its folder or budget.
     """
 
     def __init__(
@@ -117,6 +127,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         pin_memory: bool | None = None,
         seed: int = 0,
         class_balanced: bool = False,
+        decoded_cache: bool | DecodedImageCache = False,
     ) -> None:
         super().__init__()
         _check_loader_args(batch_size, num_workers, augment)
@@ -128,13 +139,15 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.seed = seed
         self.class_balanced = bool(class_balanced)
         self.augment = dict(augment or {})
+        self.decoded_cache = _decoded_cache(decoded_cache, splits.root, self.data_config)
+        self._cache_filled = False
         cfg = parse_data_config(self.data_config)
         self.image_shape = (3, *cfg.size)
         self.train_transform = build_transforms(self.data_config, True, seed=seed, **self.augment)
         self.eval_transform = build_transforms(self.data_config, False)
-        self.train_dataset = ImageFolderDataset(splits.train, self.train_transform)
-        self.val_dataset = ImageFolderDataset(splits.val, self.eval_transform)
-        self.test_dataset = ImageFolderDataset(splits.test, self.eval_transform)
+        self.train_dataset = ImageFolderDataset(splits.train, self.train_transform, self.decoded_cache)
+        self.val_dataset = ImageFolderDataset(splits.val, self.eval_transform, self.decoded_cache)
+        self.test_dataset = ImageFolderDataset(splits.test, self.eval_transform, self.decoded_cache)
 
     @property
     def classes(self) -> list[str]:
@@ -170,7 +183,19 @@ class ImageFolderDataModule(pl.LightningDataModule):
         samples = {"train": self.splits.train, "val": self.splits.val, "test": self.splits.test}[split]
         transform = self.train_transform if augment else self.eval_transform
         # a one-off pass: persistent workers would outlive it for nothing
-        return self._loader(ImageFolderDataset(samples, transform), persistent=False)
+        return self._loader(ImageFolderDataset(samples, transform, self.decoded_cache), persistent=False)
+
+    def fill_decoded_cache(self) -> FillStats | None:
+        """Decode every image of every split into the decoded-image cache, once per datamodule (a no-op
+        without a cache). Called before the first loader is built, so loader workers, started afterwards,
+        only read the cache. The main process only writes while decoding runs in loader worker processes,
+        so it uses one more worker than the loaders (at most one per CPU)."""
+        if self.decoded_cache is None or self._cache_filled:
+            return None
+        self._cache_filled = True
+        paths = [s.path for s in (*self.splits.train, *self.splits.val, *self.splits.test)]
+        workers = min(self.num_workers + 1, _cpu_count()) if self.num_workers else 0
+        return self.decoded_cache.fill(paths, workers=workers)
 
     def _loader(
         self,
@@ -182,6 +207,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         persistent: bool = True,
         sampler: Sampler[int] | None = None,
     ) -> DataLoader[Item]:
+        self.fill_decoded_cache()
         workers = self.num_workers if len(dataset) > 0 else 0
         return DataLoader(
             dataset,
@@ -196,6 +222,17 @@ class ImageFolderDataModule(pl.LightningDataModule):
             worker_init_fn=_seed_worker if workers > 0 else None,
             collate_fn=functools.partial(collate_skipping, image_shape=self.image_shape),
         )
+
+
+def _decoded_cache(value: bool | DecodedImageCache | None, root: os.PathLike[str] | str,
+                   data_config: Mapping[str, Any]) -> DecodedImageCache | None:
+    if isinstance(value, DecodedImageCache):
+        return value
+    if value is True:
+        return DecodedImageCache.for_dataset(root, data_config)
+    if value is False or value is None:
+        return None
+    raise ValueError(f"decoded_cache must be True, False or a DecodedImageCache, got {value!r}")
 
 
 def _check_loader_args(batch_size: int, num_workers: int | None, augment: Mapping[str, Any] | None) -> None:

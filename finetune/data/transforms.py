@@ -219,11 +219,25 @@ def resize_center_crop(
     """The geometry of timm's eval transform on an (H, W, 3) uint8 array; returns (size[0], size[1], 3)."""
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {img.dtype} {img.shape}")
-    scale = (math.floor(size[0] / crop_pct), math.floor(size[1] / crop_pct))
+    scale = eval_resize_size(size, crop_pct)
     new_hw = _resized_shape(img.shape[:2], scale, crop_mode)
     resized = _pil_resize(img, new_hw, interpolation)
     pad_fill = fill if crop_mode == "border" else (0, 0, 0)  # torchvision's CenterCrop pads with black
     return _center_crop_or_pad(resized, size, pad_fill)
+
+
+def eval_resize_size(size: tuple[int, int], crop_pct: float) -> tuple[int, int]:
+    """The (h, w) box timm's eval transform resizes into before cropping ``size``: size / crop_pct, floored."""
+    return math.floor(size[0] / crop_pct), math.floor(size[1] / crop_pct)
+
+
+def shrink_short_side(img: np.ndarray, side: int, interpolation: str) -> np.ndarray:
+    """Downscale (never upscale) an (H, W, 3) uint8 image so its shorter side is ``side``, with the eval
+    transform's rounding and Pillow resampling: on the result, a centre-mode eval transform whose resize box
+    is (side, side) resizes nothing, so it gives exactly the pixels it would give from the original."""
+    if min(img.shape[:2]) <= side:
+        return img
+    return _pil_resize(img, _resized_shape(img.shape[:2], (side, side), "center"), _interpolation(interpolation))
 
 
 def _resized_shape(hw: tuple[int, int], scale: tuple[int, int], crop_mode: str) -> tuple[int, int]:
