@@ -3,18 +3,18 @@
 Decoding a JPEG and shrinking it is most of the data work of a CPU epoch (a 1000 x 800 JPEG: 4.8 ms to decode
 and 2.4 ms for the random crop, against 0.55 ms for the same crop of a cached 320 x 256 image; see
 `scripts/bench_train.py`). The cache keeps each image as `load_rgb` decodes it, downscaled (never upscaled) so
-that its shorter side is
-`cache_side(data_config)`, as uint8 pixels in one memory-mapped file. A JSON index maps each absolute path
-to ``[size, mtime_ns, offset, height, width]``; a file whose size or modification time changed is a miss, is
-decoded from the original again, and is stored again by the next `fill`.
+that its shorter side is `cache_side(data_config)`, as uint8 pixels in one memory-mapped file. A JSON index
+maps each absolute path to ``[size, mtime_ns, offset, height, width]``; a file whose size or modification
+time changed is a miss, is decoded from the original again, and is stored again by the next `fill`.
 
 When it is filled, and why: once per run, in the main process, before any loader starts (`fill`, called by
 the datamodule when it builds its first loader). Decoding runs in `DataLoader` worker processes; the main
 process appends the pixels and then replaces the index. Loader workers, forked afterwards, only read, so
 nothing needs a lock on the read path and a worker can never see a half-written entry. Filling lazily from
 inside the workers would need a shared, locked, growing index. Filling first costs about what the first epoch
-spends decoding anyway, plus the Pillow resize that keeps eval exact (7 ms for 1000 x 800; the first epoch
-then takes about 2.5 uncached epochs, and every later one, in this run or the next, a fifth of one).
+spends decoding anyway, plus the Pillow resize that keeps eval exact (7 ms for 1000 x 800): in
+`bench/train.json` the first epoch takes 1.3 uncached epochs, and every later one, in this run or the next,
+0.14 of one.
 
 Concurrent runs on the same folder: writers take an exclusive `flock` on ``lock`` and re-read the index
 under it; pixels are only ever appended, the index is replaced atomically (temporary file + rename), and a

@@ -9,6 +9,7 @@ from types import ModuleType
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+PARTS = ("steps", "frozen", "cache", "allocator")
 
 
 def load_script() -> ModuleType:
@@ -19,13 +20,13 @@ def load_script() -> ModuleType:
     return module
 
 
-def test_quick_steps_and_cache(tmp_path: Path) -> None:
+def test_quick_cache_part(tmp_path: Path) -> None:
+    """The decoded-image cache part only: the others train or start processes and take 30-60 s on 2 cores."""
     out = tmp_path / "train.json"
-    assert load_script().main(["--quick", "--parts", "steps,cache", "--out", str(out)]) == 0
+    assert load_script().main(["--quick", "--parts", "cache", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert report["quick"] and "frozen" not in report and "allocator" not in report
-    steps, cache = report["steps"], report["cache"]
-    assert steps["bare_images_per_s"] > 0 and steps["lightning_images_per_s"] > 0 and steps["ratio"] > 0
+    assert report["quick"] and set(PARTS) & set(report) == {"cache"}
+    cache = report["cache"]
     assert len(cache["cached_epochs_s"]) == 2 and cache["cache_megabytes"] > 0
     assert cache["later_over_first"] < 1  # even at 12 small images, a cached epoch beats the one that fills
 
@@ -35,7 +36,8 @@ def test_quick_run_of_every_part(tmp_path: Path) -> None:
     out = tmp_path / "train.json"
     assert load_script().main(["--quick", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert {"steps", "frozen", "cache", "allocator"} <= set(report)
+    assert set(PARTS) <= set(report)
+    assert report["steps"]["bare_images_per_s"] > 0 and report["steps"]["lightning_images_per_s"] > 0
     assert report["frozen"]["cached"]["training"].startswith("probe")
     assert "Lightning" in report["frozen"]["uncached"]["training"]
     assert report["allocator"]["with_images_per_s"] > 0 and report["allocator"]["without_images_per_s"] > 0
