@@ -20,13 +20,15 @@ end to end by wall clock, imports and data loading included:
   because timm's hub is unreachable here. It runs with glibc's allocator fix in the environment
   (MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736), which finetune applies in-process.
 - finetune: `finetune fit DATA --no-progress --out TMP` (the defaults, `--recipe auto`), with an empty
-  FINETUNE_CACHE holding only the converted weights, so its dataset pre-flight scan starts cold. It runs
-  --finetune-runs times (default 3: before, between and after the fastai runs); the median run counts.
+  FINETUNE_CACHE holding only the converted weights, so its dataset pre-flight scan starts cold; and the same
+  with `--no-export` (fit exports ONNX by default and checks it, which fastai's fine_tune has no counterpart of).
+  Each runs --finetune-runs times (default 3: before, between and after the fastai runs); the median run counts.
 
 The machine may be shared: before each run the script waits (up to --max-wait seconds) for the 1-minute load
-average to drop below --max-load, and it records the load before and after every run and the share of the CPUs
-the run kept busy (`cpu_share`; a run that had the machine to itself scores about 0.75 or more). A run under
---min-cpu-share was slowed by another job: it is rerun (up to --retries times) and listed as discarded.
+average to drop below --max-load. It records the load before and after every run, the share of the CPUs the run
+kept busy (`cpu_share`) and the share that other processes used meanwhile (`others_share`, from /proc/stat). A run
+during which others used more than --max-others-share was slowed by them: it is rerun (up to --retries times) and
+listed as discarded.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ PTH_NAME = "_finetune_main_venv.pth"
 TARGET_ACCURACY = 0.85
 TARGET_TIME_FRACTION = 0.1  # finetune's wall time must be at most this fraction of fastai's
 CHILD_TIMEOUT_S = 3600
+# `finetune fit` as the user runs it, and without the export it does at the end (ONNX tracing + parity checks),
+# which fastai's fine_tune has no counterpart of.
+FINETUNE_VARIANTS = {"default": [], "no_export": ["--no-export"]}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -172,10 +177,17 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _machine_busy_s() -> float:
+    """CPU seconds spent by everything on the machine since boot (Linux /proc/stat, all CPUs, not idle/iowait)."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def timed_child(command: list, env: dict, log: Path) -> tuple[float, dict]:
-    """Run `command` to completion; wall seconds, and the CPU seconds and load average that show how much of the
-    machine it had (on a quiet 2-CPU machine cpu_s approaches 2 x wall_s)."""
-    before, cpu = _load(), _children_cpu_s()
+    """Run `command` to completion; wall seconds, its CPU seconds, and what shows how much of the machine it had:
+    `others_share`, the CPU time everything else used meanwhile as a share of the machine's capacity."""
+    before, cpu, busy = _load(), _children_cpu_s(), _machine_busy_s()
     started = time.perf_counter()
     with open(log, "w") as sink:
         code = subprocess.run([str(c) for c in command], env=env, stdout=sink, stderr=subprocess.STDOUT,
@@ -184,9 +196,11 @@ def timed_child(command: list, env: dict, log: Path) -> tuple[float, dict]:
     if code != 0:
         raise SystemExit(f"`{' '.join(map(str, command))}` failed ({code}); its log ends:\n"
                          f"{log.read_text()[-4000:]}")
-    cpu = _children_cpu_s() - cpu
-    share = cpu / (wall * len(os.sched_getaffinity(0)))  # the fraction of the usable CPUs it kept busy
-    return wall, {"cpu_s": round(cpu, 1), "cpu_share": round(share, 2), "load_before": before, "load_after": _load()}
+    cpu, busy = _children_cpu_s() - cpu, _machine_busy_s() - busy
+    capacity = wall * (os.cpu_count() or 1)
+    return wall, {"cpu_s": round(cpu, 1), "cpu_share": round(cpu / capacity, 2),
+                  "others_share": round(max(busy - cpu, 0.0) / capacity, 3), "load_before": before,
+                  "load_after": _load()}
 
 
 def run_fastai(python: Path, data: Path, weights: Path, tmp: Path, malloc_fix: bool) -> dict:
@@ -197,16 +211,16 @@ def run_fastai(python: Path, data: Path, weights: Path, tmp: Path, malloc_fix: b
     return {**json.loads(out.read_text()), "wall_s": round(wall, 1), "malloc_fix": malloc_fix, **load}
 
 
-def run_finetune(main_python: Path, data: Path, weights: Path, tmp: Path) -> dict:
+def run_finetune(main_python: Path, data: Path, weights: Path, tmp: Path, extra: list[str]) -> dict:
     cache = tmp / "finetune-cache"  # cold pre-flight scan; the converted weights are ready, as for fastai
     cache.mkdir()
     shutil.copy2(weights, cache / weights.name)
     env = dict(os.environ, FINETUNE_CACHE=str(cache))
     run_dir = tmp / "finetune-run"
-    command = [main_python.parent / "finetune", "fit", data, "--no-progress", "--out", run_dir]
+    command = [main_python.parent / "finetune", "fit", data, "--no-progress", "--out", run_dir, *extra]
     wall, load = timed_child(command, env, tmp / "finetune.log")
     summary = json.loads((run_dir / "summary.json").read_text())
-    return {**finetune_result(summary, wall), **load}
+    return {**finetune_result(summary, wall), "command": " ".join(map(str, command[1:])), **load}
 
 
 def fastai_child(out: Path, data: Path, weights_file: Path, epochs: int = 2, size: int = 224, bs: int = 64,
@@ -275,15 +289,18 @@ def reference_backbone(main_python: Path) -> tuple[Path, float, int, dict]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def schedule(finetune_runs: int, fastai_malloc_fix: list[bool]) -> list[tuple[str, bool]]:
-    """finetune runs before, between and after the fastai runs, so that a load change hits both tools."""
-    order: list[tuple[str, bool]] = [("finetune", True)] if finetune_runs else []
+def schedule(rounds: int, variants: list[str], fastai_malloc_fix: list[bool]) -> list[tuple[str, str | bool]]:
+    """Rounds of finetune runs (one per variant) before, between and after the fastai runs, so that a change of
+    load hits both tools."""
+    finetune_round = [("finetune", variant) for variant in variants]
+    order = list(finetune_round) if rounds else []
+    done = 1 if rounds else 0
     for fix in fastai_malloc_fix:
         order.append(("fastai", fix))
-        if sum(tool == "finetune" for tool, _ in order) < finetune_runs:
-            order.append(("finetune", True))
-    order += [("finetune", True)] * (finetune_runs - sum(tool == "finetune" for tool, _ in order))
-    return order
+        if done < rounds:
+            order += finetune_round
+            done += 1
+    return order + finetune_round * (rounds - done)
 
 
 def summarise_finetune(runs: list[dict]) -> dict:
@@ -304,12 +321,14 @@ def run_uncontended(folder: Path, args: argparse.Namespace, run) -> dict:
         tmp = folder / str(attempt)
         tmp.mkdir(parents=True)
         result = {**run(tmp), "quiet_wait": quiet}
-        result["contended"] = result["cpu_share"] < args.min_cpu_share
-        print(f"  {result['accuracy']:.4f} in {result['wall_s']} s (cpu share {result['cpu_share']}"
+        result["contended"] = result["others_share"] > args.max_others_share
+        print(f"  {result['accuracy']:.4f} in {result['wall_s']} s (cpu share {result['cpu_share']}, other jobs "
+              f"{result['others_share']}"
               f"{', contended' if result['contended'] else ''})", file=sys.stderr)
         if not result["contended"] or attempt == args.retries:
             return {**result, "discarded_attempts": discarded}
-        discarded.append({k: result[k] for k in ("wall_s", "cpu_share", "load_before", "load_after", "accuracy")})
+        discarded.append({k: result[k] for k in ("wall_s", "cpu_share", "others_share", "load_before", "load_after",
+                                                 "accuracy")})
     raise AssertionError("unreachable")
 
 
@@ -318,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.fastai_child:
         fastai_child(args.fastai_child, args.data, args.weights_file)
         return 0
+    variants = args.finetune_variants.split(",")
+    if set(variants) - FINETUNE_VARIANTS.keys():
+        raise SystemExit(f"--finetune-variants {args.finetune_variants!r}: choose from {list(FINETUNE_VARIANTS)}")
     main_python = args.python.absolute()  # not resolved: the venv's python is a link to the base interpreter
     data = args.data.absolute()
     ensure_data(data, main_python)
@@ -325,39 +347,47 @@ def main(argv: list[str] | None = None) -> int:
     weights, checksum, threads, versions = reference_backbone(main_python)
     fastai_python = args.fastai_venv.absolute() / "bin" / "python"
     start_load = _load()
-    finetune_runs, fastai_runs = [], {}
+    finetune_runs: dict[str, list[dict]] = {variant: [] for variant in variants}
+    fastai_runs: dict[bool, dict] = {}
     with tempfile.TemporaryDirectory(prefix="compare-fastai-") as tmp_name:
-        order = schedule(args.finetune_runs, [True] + [False] * args.fastai_without_malloc_fix)
-        for i, (tool, fix) in enumerate(order):
-            print("finetune fit" if tool == "finetune" else f"fastai fine_tune(2){'' if fix else ' without the fix'}",
-                  file=sys.stderr)
-            result = run_uncontended(Path(tmp_name) / str(i), args, lambda tmp, tool=tool, fix=fix: (
-                run_finetune(main_python, data, weights, tmp) if tool == "finetune"
-                else run_fastai(fastai_python, data, weights, tmp, malloc_fix=fix)))
+        order = schedule(args.finetune_runs, variants, [True] + [False] * args.fastai_without_malloc_fix)
+        for i, (tool, variant) in enumerate(order):
+            print(f"finetune fit ({variant})" if tool == "finetune" else
+                  f"fastai fine_tune(2){'' if variant else ' without the allocator fix'}", file=sys.stderr)
+            result = run_uncontended(Path(tmp_name) / str(i), args, lambda tmp, tool=tool, variant=variant: (
+                run_finetune(main_python, data, weights, tmp, FINETUNE_VARIANTS[variant]) if tool == "finetune"
+                else run_fastai(fastai_python, data, weights, tmp, malloc_fix=variant)))
             if tool == "finetune":
-                finetune_runs.append(result)
+                finetune_runs[variant].append(result)
             else:
-                fastai_runs[fix] = result
-    ft, fa = summarise_finetune(finetune_runs), fastai_runs[True]
+                fastai_runs[variant] = result
+    fa = fastai_runs[True]
     report = {
         "command": "python scripts/compare_fastai.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "data": str(args.data), "backbone": ARCH, "weights_file": str(weights),
         "same_pretrained_weights": fa["backbone_checksum"] == checksum,
-        "finetune": ft, "fastai": fa, "fastai_without_malloc_fix": fastai_runs.get(False),
-        "time_ratio_fastai_over_finetune": round(fa["wall_s"] / ft["wall_s"], 1),
-        "targets": targets(ft["accuracy"], ft["wall_s"], fa["wall_s"]),
-        "targets_against_fastai_without_malloc_fix": (
-            targets(ft["accuracy"], ft["wall_s"], fastai_runs[False]["wall_s"]) if False in fastai_runs else None),
+        "fastai": fa, "fastai_without_malloc_fix": fastai_runs.get(False),
+        "finetune": {variant: summarise_finetune(runs) for variant, runs in finetune_runs.items()},
+        "time_ratio_fastai_over_finetune": {},
+        "targets": {},  # against fastai with the allocator fix, as finetune applies it too
+        "targets_against_fastai_without_malloc_fix": {},
         "machine": {"cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
                     "machine": platform.machine(), "torch_threads": threads, "load_average_start": start_load},
         "versions": {**versions, "python": platform.python_version(), **fa["versions"]},
         "fastai_venv": setup,
     }
+    for variant, ft in report["finetune"].items():
+        report["time_ratio_fastai_over_finetune"][variant] = round(fa["wall_s"] / ft["wall_s"], 1)
+        report["targets"][variant] = targets(ft["accuracy"], ft["wall_s"], fa["wall_s"])
+        if False in fastai_runs:
+            report["targets_against_fastai_without_malloc_fix"][variant] = targets(
+                ft["accuracy"], ft["wall_s"], fastai_runs[False]["wall_s"])
+        t = report["targets"][variant]
+        print(f"finetune ({variant}) {ft['accuracy']:.4f} in {ft['wall_s']} s (median of {len(finetune_runs[variant])})"
+              f" vs fastai {fa['accuracy']:.4f} in {fa['wall_s']} s "
+              f"({report['time_ratio_fastai_over_finetune'][variant]}x): targets {'met' if t['met'] else 'NOT met'}")
     write_json(args.out, report)
-    t = report["targets"]
-    print(f"finetune {ft['accuracy']:.4f} in {ft['wall_s']} s (median of {len(finetune_runs)}) vs fastai "
-          f"{fa['accuracy']:.4f} in {fa['wall_s']} s ({report['time_ratio_fastai_over_finetune']}x); "
-          f"targets {'met' if t['met'] else 'NOT met'}; wrote {args.out}")
+    print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
 
@@ -371,12 +401,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fastai-without-malloc-fix", action="store_true",
                    help="also run fastai without the glibc allocator fix (about 6 more minutes)")
     p.add_argument("--finetune-runs", type=int, default=3,
-                   help="finetune runs, placed before, between and after the fastai runs; the median counts")
+                   help="runs of each finetune variant, placed before, between and after the fastai runs; the "
+                        "median counts")
+    p.add_argument("--finetune-variants", default=",".join(FINETUNE_VARIANTS),
+                   help="comma-separated: default (fit's defaults), no_export (--no-export)")
     p.add_argument("--max-load", type=float, default=1.5,
                    help="before each run, wait for a 1-minute load average below this")
     p.add_argument("--max-wait", type=float, default=600, help="seconds to wait for it at most, each time")
-    p.add_argument("--min-cpu-share", type=float, default=0.6,
-                   help="a run that kept less than this share of the CPUs busy was slowed by other jobs")
+    p.add_argument("--max-others-share", type=float, default=0.1,
+                   help="a run during which other jobs used more than this share of the CPUs was slowed by them")
     p.add_argument("--retries", type=int, default=2, help="reruns of a run slowed by other jobs")
     p.add_argument("--_fastai-child", dest="fastai_child", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--weights-file", type=Path, help=argparse.SUPPRESS)

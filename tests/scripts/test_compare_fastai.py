@@ -58,11 +58,12 @@ def test_state_checksum_tells_weights_apart(script: ModuleType) -> None:
     assert script.state_checksum(a) != script.state_checksum(b)
 
 
-def test_schedule_puts_finetune_around_every_fastai_run(script: ModuleType) -> None:
-    assert script.schedule(3, [True, False]) == [("finetune", True), ("fastai", True), ("finetune", True),
-                                                 ("fastai", False), ("finetune", True)]
-    assert [tool for tool, _ in script.schedule(3, [True])] == ["finetune", "fastai", "finetune", "finetune"]
-    assert [tool for tool, _ in script.schedule(1, [True])] == ["finetune", "fastai"]
+def test_schedule_puts_finetune_rounds_around_every_fastai_run(script: ModuleType) -> None:
+    variants = ["default", "no_export"]
+    ft = [("finetune", "default"), ("finetune", "no_export")]
+    assert script.schedule(3, variants, [True, False]) == [*ft, ("fastai", True), *ft, ("fastai", False), *ft]
+    assert script.schedule(3, variants, [True]) == [*ft, ("fastai", True), *ft, *ft]
+    assert script.schedule(1, ["default"], [True]) == [("finetune", "default"), ("fastai", True)]
 
 
 def test_the_median_finetune_run_counts(script: ModuleType) -> None:
