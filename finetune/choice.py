@@ -30,6 +30,7 @@ from .data.labels import read_labels_csv
 from .errors import UsageError
 from .model.backbones import create_backbone
 from .model.domain import DomainGap, measure_domain_gap
+from .model.frozen_forward import choose_backend
 from .recipes import Recipe
 from .runtime import Precision, choose_precision
 
@@ -48,7 +49,7 @@ def load_splits(data_dir: Path, *, labels: str | Path | None = None, split_file:
 
 
 def measure_domain(backbone: torch.nn.Module, splits: DatasetSplits, data_config: dict, precision: Precision,
-                   *, num_workers: int | None = None, seed: int = 0) -> DomainGap | None:
+                   *, num_workers: int | None = None, seed: int = 0, backend: str = "auto") -> DomainGap | None:
     """Domain gap on a seeded random sample of training images, eval transform; None for a backbone without
     BatchNorm statistics (most vision transformers), where there is nothing to compare against."""
     if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in backbone.modules()):
@@ -59,7 +60,7 @@ def measure_domain(backbone: torch.nn.Module, splits: DatasetSplits, data_config
     loader = DataLoader(dataset, batch_size=64, num_workers=workers, collate_fn=collate_skipping)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return measure_domain_gap(backbone, loader, max_images=DOMAIN_SAMPLE_IMAGES, device=device,
-                              bf16=precision.lightning == "bf16-mixed")
+                              bf16=precision.lightning == "bf16-mixed", backend=choose_backend(backend, device).name)
 
 
 def domain_sentence(gap: DomainGap | None, model: str, pretrained: bool) -> tuple[str, str]:
@@ -129,7 +130,7 @@ class Inspection:
 
 def inspect_dataset(data_dir: str | Path, *, model: str | None = None, labels: str | Path | None = None,
                     val_fraction: float = 0.2, seed: int = 0, precision: str = "auto",
-                    num_workers: int | None = None) -> Inspection:
+                    num_workers: int | None = None, feature_backend: str = "auto") -> Inspection:
     """The measurements behind ``--recipe auto``, without training."""
     data_dir = Path(data_dir)
     splits = load_splits(data_dir, labels=labels, val_fraction=val_fraction, seed=seed)
@@ -137,7 +138,7 @@ def inspect_dataset(data_dir: str | Path, *, model: str | None = None, labels: s
     backbone = create_backbone(base.model, pretrained=True, num_classes=len(splits.classes))
     data_config = timm.data.resolve_model_data_config(backbone)
     gap = measure_domain(backbone, splits, data_config, choose_precision(precision), num_workers=num_workers,
-                         seed=seed)
+                         seed=seed, backend=feature_backend)
     domain, domain_reason = domain_sentence(gap, base.model, True)
     per_class = len(splits.train) / len(splits.classes)
     chosen, reason = resolve_recipe("auto", per_class, domain, None, domain_reason)

@@ -44,7 +44,7 @@ from . import __version__, runs
 from .data import build_transforms, load_rgb, parse_data_config
 from .data.transforms import DataConfig, resize_center_crop
 from .errors import FinetuneError, ImageDecodeError, UsageError
-from .runtime import tune_allocator
+from .runtime import onnx_session, tune_allocator
 
 log = logging.getLogger("finetune")
 
@@ -105,26 +105,6 @@ def model_input(image: np.ndarray, cfg: DataConfig) -> np.ndarray:
     fill = tuple(round(255 * m) for m in cfg.mean)  # timm pads 'border' crops with the mean colour
     crop = resize_center_crop(image, cfg.size, cfg.crop_pct, cfg.crop_mode, cfg.interpolation, fill)
     return np.ascontiguousarray(crop.transpose(2, 0, 1))
-
-
-def onnx_session(model: str | Path | bytes, threads: int | None = None) -> Any:
-    """An onnxruntime CPU session with every graph optimisation on and one intra-op thread per usable core."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads or usable_cpus()
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # errors only
-    source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-
-
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # respects container and taskset limits, unlike cpu_count
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
 
 
 @contextlib.contextmanager

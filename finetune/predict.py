@@ -28,7 +28,7 @@ import torch
 from . import export, runs
 from .data import is_image_file, load_rgb, parse_data_config
 from .errors import ImageDecodeError, UsageError
-from .runtime import tune_allocator
+from .runtime import onnx_session, tune_allocator, usable_cpus
 
 log = logging.getLogger("finetune")
 
@@ -67,7 +67,7 @@ class OnnxBackend:
     def __init__(self, path: Path, threads: int | None = None) -> None:
         self.name = "onnxruntime"
         self.path = path
-        self.session = export.onnx_session(path, threads)
+        self.session = onnx_session(path, threads)
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         return self.session.run([export.OUTPUT_NAMES[1]], {export.INPUT_NAME: pixels})[0]
@@ -149,7 +149,7 @@ class Predictor:
     def _decoded_batches(self, items: list[_Input], batch_size: int) -> Iterator[list[_Decoded]]:
         """Decode batch i + 1 in threads while batch i is predicted (Pillow and onnxruntime release the GIL)."""
         chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-        with ThreadPoolExecutor(max_workers=export.usable_cpus()) as pool:
+        with ThreadPoolExecutor(max_workers=usable_cpus()) as pool:
             pending: list[Future[_Decoded]] = [pool.submit(self._decode, item) for item in chunks[0]] if chunks else []
             for i in range(len(chunks)):
                 current = pending

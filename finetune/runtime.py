@@ -1,4 +1,5 @@
-"""Hardware-dependent choices: numeric precision, memory format, and the CPU memory allocator."""
+"""Hardware-dependent choices: numeric precision, memory format, the CPU memory allocator, CPU threads and
+onnxruntime sessions."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -77,3 +80,23 @@ def tune_allocator() -> bool:
     except (OSError, AttributeError):  # musl and others have no mallopt
         return False
     return ok
+
+
+def onnx_session(model: str | Path | bytes, threads: int | None = None) -> Any:
+    """An onnxruntime CPU session with every graph optimisation on and one intra-op thread per usable core."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or usable_cpus()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # respects container and taskset limits, unlike cpu_count
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1

@@ -40,6 +40,7 @@ from .export import export_run
 from .model.backbones import create_backbone
 from .model.classifier import Classifier
 from .model.freezing import StagedFinetuning
+from .model.frozen_forward import choose_backend
 from .model.module import OptimConfig, TransferModule, metrics_from_logits
 from .model.probe import CachedFeatures, extract_features, fit_linear_probe
 from .recipes import Recipe
@@ -78,6 +79,7 @@ def fit(
     val_fraction: float = 0.2,
     seed: int = 0,
     precision: str = "auto",
+    feature_backend: str = "auto",
     weights: str | Path | None = None,
     pretrained: bool | None = None,
     num_workers: int | None = None,
@@ -89,9 +91,11 @@ def fit(
     """Fine-tune a pretrained backbone on an image folder; write a self-describing run folder.
 
     ``overrides`` are recipe fields (``{"lr": 3e-4}``); ``model``, ``epochs``, ``batch_size`` and
-    ``pretrained`` are shortcuts for the same. ``domain="auto"`` measures how far the images are from
-    ImageNet (used by ``recipe="auto"``). ``limit_batches`` caps batches per epoch (smoke tests). ``export``
-    lists the formats written to ``RUN/export`` and parity-checked at the end (None: no export).
+    ``pretrained`` are shortcuts for the same. ``feature_backend`` runs the frozen one-off passes (domain gap,
+    cached features) in onnxruntime (``"onnx"``, the default on a CPU) or eager PyTorch (``"torch"``).
+    ``domain="auto"`` measures how far the images are from ImageNet (used by ``recipe="auto"``).
+    ``limit_batches`` caps batches per epoch (smoke tests). ``export`` lists the formats written to
+    ``RUN/export`` and parity-checked at the end (None: no export).
     """
     started = time.perf_counter()
     tune_allocator()
@@ -106,9 +110,10 @@ def fit(
     shortcuts = {"model": model, "epochs": epochs, "batch_size": batch_size, "pretrained": pretrained}
     merged = {k: v for k, v in shortcuts.items() if v is not None} | dict(overrides or {})
     prec = choose_precision(precision)
+    frozen = choose_backend(feature_backend, _device())
 
-    backbone, data_config, chosen, reason, gap = _choose(recipe, domain, merged, splits, prec, weights,
-                                                         num_workers, seed)
+    backbone, data_config, chosen, reason, gap = _choose(recipe, domain, merged, splits, prec, frozen.name,
+                                                         weights, num_workers, seed)
     log.info("recipe %s: %s", chosen.name, reason)
 
     pl.seed_everything(seed, workers=True, verbose=False)
@@ -131,14 +136,15 @@ def fit(
     runs.write_json(run_dir / "classes.json", splits.classes)
     splits.save(run_dir / "split.json")
 
-    probe = _probe(classifier, datamodule, chosen, prec, run_dir) if _use_probe(chosen, classifier) else None
+    probe = (_probe(classifier, datamodule, chosen, prec, frozen.name, run_dir) if _use_probe(chosen, classifier)
+             else None)
     module = TransferModule(classifier, _optim_config(chosen, probed=probe is not None),
                             channels_last=prec.channels_last)
     if probe is not None:
         module.skipped_files.update(probe["skipped"])
     finetune_epochs = chosen.epochs - (chosen.freeze_epochs if probe is not None else 0)
     if probe is not None and not chosen.trains_backbone:
-        outcome = _finish_probe_only(module, probe, datamodule, prec, run_dir)
+        outcome = _finish_probe_only(module, probe, datamodule, prec, frozen.name, run_dir)
     else:
         outcome = _train(module, datamodule, chosen, prec, run_dir, finetune_epochs, probe is not None,
                          progress, limit_batches)
@@ -173,6 +179,7 @@ def fit(
         "images_per_class": images_per_class,
         "precision": prec.lightning,
         "precision_reason": prec.reason,
+        "feature_backend": {"requested": feature_backend, "chosen": frozen.name, "reason": frozen.reason},
         "training": outcome["training"],
         "epochs_run": outcome["epochs_run"],
         "best_epoch": outcome["best_epoch"],
@@ -198,7 +205,7 @@ def fit(
 
 
 def _choose(recipe: str | Path | Recipe, domain: str, merged: dict[str, Any], splits, prec: Precision,
-            weights: str | Path | None, num_workers: int | None, seed: int):
+            feature_backend: str, weights: str | Path | None, num_workers: int | None, seed: int):
     """The pretrained backbone and the recipe: ``auto`` measures the domain gap with that backbone first."""
     base = base_recipe(recipe, merged)
     backbone = create_backbone(base.model, pretrained=base.pretrained, num_classes=len(splits.classes),
@@ -207,7 +214,8 @@ def _choose(recipe: str | Path | Recipe, domain: str, merged: dict[str, Any], sp
     gap, domain_reason = None, None
     if str(recipe) == "auto" and domain == "auto":
         if base.pretrained:
-            gap = measure_domain(backbone, splits, data_config, prec, num_workers=num_workers, seed=seed)
+            gap = measure_domain(backbone, splits, data_config, prec, num_workers=num_workers, seed=seed,
+                                 backend=feature_backend)
         domain, domain_reason = domain_sentence(gap, base.model, base.pretrained)
     per_class = len(splits.train) / len(splits.classes)
     chosen, reason = resolve_recipe(recipe, per_class, "similar" if domain == "auto" else domain, merged,
@@ -226,21 +234,21 @@ def _use_probe(r: Recipe, classifier: Classifier) -> bool:
     return r.cached_features and has_frozen_phase and linear
 
 
-def _extract(classifier: Classifier, loader, prec: Precision) -> CachedFeatures:
+def _extract(classifier: Classifier, loader, prec: Precision, backend: str) -> CachedFeatures:
     return extract_features(classifier, loader, device=_device(), bf16=prec.lightning == "bf16-mixed",
-                            channels_last=prec.channels_last)
+                            channels_last=prec.channels_last, backend=backend)
 
 
-def _probe(classifier: Classifier, datamodule: ImageFolderDataModule, r: Recipe, prec: Precision,
+def _probe(classifier: Classifier, datamodule: ImageFolderDataModule, r: Recipe, prec: Precision, backend: str,
            run_dir: Path) -> dict[str, Any]:
     """Fit the head on features computed once (plus ``feature_views`` augmented passes); install it."""
     classifier.set_trainable(0)
-    views = [_extract(classifier, datamodule.feature_loader("train"), prec)]
-    views += [_extract(classifier, datamodule.feature_loader("train", augment=True), prec)
+    views = [_extract(classifier, datamodule.feature_loader("train"), prec, backend)]
+    views += [_extract(classifier, datamodule.feature_loader("train", augment=True), prec, backend)
               for _ in range(r.feature_views)]
     train = CachedFeatures(torch.cat([v.features for v in views]), torch.cat([v.labels for v in views]),
                            sorted({p for v in views for p in v.skipped}), sum(v.seconds for v in views))
-    val = _extract(classifier, datamodule.feature_loader("val"), prec)
+    val = _extract(classifier, datamodule.feature_loader("val"), prec, backend)
     result = fit_linear_probe(train, val, classifier.num_classes)
     classifier.set_linear_head(result.weight, result.bias, result.mean, result.std)
     best = next(row for row in result.sweep if row["weight_decay"] == result.weight_decay)
@@ -249,12 +257,13 @@ def _probe(classifier: Classifier, datamodule: ImageFolderDataModule, r: Recipe,
              len(train.labels), train.seconds + val.seconds + result.seconds, result.weight_decay, best["val_acc"])
     return {"weight_decay": result.weight_decay, "sweep": result.sweep, "views": 1 + r.feature_views,
             "feature_dim": int(train.features.shape[1]), "features_s": train.seconds + val.seconds,
+            "features_backend": val.backend,
             "fit_s": result.seconds, "skipped": sorted(set(train.skipped) | set(val.skipped)),
             "val_features": val}
 
 
 def _finish_probe_only(module: TransferModule, probe: dict[str, Any], datamodule: ImageFolderDataModule,
-                       prec: Precision, run_dir: Path) -> dict[str, Any]:
+                       prec: Precision, backend: str, run_dir: Path) -> dict[str, Any]:
     """A frozen-backbone recipe is done after the probe: metrics come from the cached validation features."""
     classifier = module.classifier
     val: CachedFeatures = probe["val_features"]
@@ -263,7 +272,7 @@ def _finish_probe_only(module: TransferModule, probe: dict[str, Any], datamodule
     metrics = metrics_from_logits(val_logits, val.labels, classifier.num_classes)
     test = {}
     if datamodule.has_test:
-        cached = _extract(classifier, datamodule.feature_loader("test"), prec)
+        cached = _extract(classifier, datamodule.feature_loader("test"), prec, backend)
         module.skipped_files.update(cached.skipped)
         with torch.inference_mode():
             test = metrics_from_logits(classifier.head_logits(cached.features), cached.labels, classifier.num_classes)

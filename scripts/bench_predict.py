@@ -30,9 +30,9 @@ import onnxruntime as ort
 import torch
 
 from finetune import export, runs
-from finetune.export import ServingModel, usable_cpus
+from finetune.export import ServingModel
 from finetune.predict import OnnxBackend, TorchBackend, find_images, load
-from finetune.runtime import cpu_has_bf16, tune_allocator
+from finetune.runtime import cpu_has_bf16, tune_allocator, usable_cpus
 
 TARGET_RATIO = 1.3
 # The thread pools of onnxruntime and torch spin for a while after a call; measured here, a torch call right

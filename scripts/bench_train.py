@@ -11,8 +11,12 @@ Parts:
   in-memory batches and the same model object. The two take turns (one block of steps each per round), so
   load from other processes hits both alike; figures are medians over rounds. Target: ratio >= 0.9.
 - ``frozen``: small-similar on the Fashion-MNIST demo folder through the backbone every epoch
-  (``cached_features=False``) against the default (features computed once, head by L-BFGS). Target: >= 10x
-  faster, accuracy not lower.
+  (``cached_features=False``) against the default (features computed once, head by L-BFGS), and the default
+  with the features computed in eager PyTorch instead of onnxruntime (``feature_backend="torch"``).
+  Target: >= 10x faster, accuracy not lower.
+- ``frozen_forward``: images/s of the frozen pass that computes cached features (the multi-stage head's input)
+  in eager PyTorch (this machine's precision and memory format) and in onnxruntime, on the same in-memory
+  batches, taking turns; and the seconds to trace and check the ONNX graph.
 - ``cache``: epochs (a train pass with the train transform + a val pass) over 1000 x 800 JPEGs made from
   scikit-image photos, with and without the decoded-image cache. Target: epochs after the first at most a
   third of the first.
@@ -45,7 +49,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "tf_efficientnet_lite0"
 NUM_CLASSES = 10
-PARTS = ("steps", "frozen", "cache", "allocator")
+PARTS = ("steps", "frozen", "frozen_forward", "cache", "allocator")
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,8 @@ class Settings:
     fashion_mnist: str = "data/fashion-mnist"
     frozen_epochs: int | None = None  # None: the recipe's
     frozen_limit_batches: int | None = None
+    forward_rounds: int = 3  # frozen_forward part: rounds of (torch block, onnx block)
+    forward_batches: int = 4  # batches per block
     jpegs: int = 300
     jpeg_size: tuple[int, int] = (800, 1000)  # (h, w)
     cache_epochs: int = 4
@@ -67,7 +73,8 @@ class Settings:
 
 
 QUICK = Settings(batch_size=2, image_size=32, rounds=1, warmup_steps=1, block_steps=1, fashion_mnist="",
-                 frozen_epochs=1, frozen_limit_batches=2, jpegs=12, jpeg_size=(256, 320), cache_epochs=2,
+                 frozen_epochs=1, frozen_limit_batches=2, forward_rounds=1, forward_batches=1, jpegs=12,
+                 jpeg_size=(256, 320), cache_epochs=2,
                  allocator_pairs=1, infer_batches=2)
 
 
@@ -123,7 +130,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _headline(part: str, result: dict) -> dict:
     keys = {"steps": ("bare_images_per_s", "lightning_images_per_s", "ratio"),
-            "frozen": ("speedup_wall", "speedup_train", "val_acc_cached", "val_acc_uncached"),
+            "frozen": ("speedup_wall", "speedup_train", "val_acc_cached", "val_acc_uncached",
+                       "onnx_over_torch_features"),
+            "frozen_forward": ("torch_images_per_s", "onnx_images_per_s", "ratio", "onnx_setup_s"),
             "cache": ("uncached_epoch_s", "cached_first_epoch_s", "cached_later_epoch_s", "later_over_first"),
             "allocator": ("with_images_per_s", "without_images_per_s", "speedup", "fp32_speedup")}[part]
     return {k: result.get(k) for k in keys}
@@ -240,9 +249,11 @@ def bench_frozen(s: Settings, prec, tmp: Path) -> dict:
     if s.frozen_epochs is not None:
         kwargs |= {"epochs": s.frozen_epochs, "limit_batches": s.frozen_limit_batches}
     runs = {}
-    for name, overrides in (("cached", {}), ("uncached", {"cached_features": False})):
+    for name, overrides, backend in (("cached", {}, "auto"), ("uncached", {"cached_features": False}, "auto"),
+                                     ("cached_torch", {}, "torch")):
         t0 = time.perf_counter()
-        result = finetune.fit(data_dir, "small-similar", overrides=overrides, out=tmp / f"frozen-{name}", **kwargs)
+        result = finetune.fit(data_dir, "small-similar", overrides=overrides, out=tmp / f"frozen-{name}",
+                              feature_backend=backend, **kwargs)
         wall = time.perf_counter() - t0
         summary = result.summary
         runs[name] = {"wall_s": round(wall, 1), "total_s": round(summary["timings"]["total_s"], 1),
@@ -250,6 +261,7 @@ def bench_frozen(s: Settings, prec, tmp: Path) -> dict:
                       "val_acc": round(result.metrics["acc"], 4), "training": summary["training"]}
         if summary["probe"]:
             runs[name] |= {k: round(summary["probe"][k], 1) for k in ("features_s", "fit_s")}
+            runs[name]["features_backend"] = summary["probe"]["features_backend"]
     cached, uncached = runs["cached"], runs["uncached"]
     return {"data": str(data_dir), "recipe": "small-similar", "export": None, "train_images": summary["train_images"],
             "val_images": summary["val_images"], **runs,
@@ -258,7 +270,47 @@ def bench_frozen(s: Settings, prec, tmp: Path) -> dict:
             "speedup_bound": uncached["epochs_run"],
             "speedup_wall": round(uncached["wall_s"] / cached["wall_s"], 2),
             "speedup_train": round(uncached["train_s"] / cached["train_s"], 2),
-            "val_acc_cached": cached["val_acc"], "val_acc_uncached": uncached["val_acc"], "target_speedup": 10}
+            "val_acc_cached": cached["val_acc"], "val_acc_uncached": uncached["val_acc"], "target_speedup": 10,
+            "onnx_over_torch_features": round(runs["cached_torch"]["features_s"] / cached["features_s"], 2)}
+
+
+# --- part 4: the frozen pass in eager PyTorch against onnxruntime ----------------------------------------
+
+
+def bench_frozen_forward(s: Settings, prec, tmp: Path) -> dict:
+    from finetune import create_backbone
+    from finetune.model.classifier import Classifier
+    from finetune.model.frozen_forward import frozen_forward
+    from finetune.model.probe import _HeadFeatures
+
+    size = s.image_size
+    backbone = create_backbone(MODEL, pretrained=True, num_classes=NUM_CLASSES)
+    classifier = Classifier(backbone, NUM_CLASSES, head="multistage", head_stages=3).eval()
+    if prec.channels_last:
+        classifier = classifier.to(memory_format=torch.channels_last)
+    module = _HeadFeatures(classifier)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(s.batch_size, 3, size, size, generator=g) for _ in range(s.forward_batches)]
+    t0 = time.perf_counter()
+    onnx, used = frozen_forward(module, batches[0], backend="onnx")
+    setup_s = time.perf_counter() - t0
+    torch_run, _ = frozen_forward(module, batches[0], backend="torch", bf16=prec.lightning == "bf16-mixed",
+                                  channels_last=prec.channels_last)
+    torch_run(batches[0]), onnx(batches[0])  # warm-up: oneDNN kernels, onnxruntime arenas
+    rates: dict[str, list[float]] = {"torch": [], "onnx": []}
+    for _ in range(s.forward_rounds):
+        for name, run in (("torch", torch_run), ("onnx", onnx)):
+            t0 = time.perf_counter()
+            for x in batches:
+                run(x)
+            rates[name].append(len(batches) * s.batch_size / (time.perf_counter() - t0))
+    torch_rate, onnx_rate = statistics.median(rates["torch"]), statistics.median(rates["onnx"])
+    return {"module": "multi-stage head features (top 3 stages + final), eval", "image_size": size,
+            "onnx_backend_used": used, "onnx_setup_s": round(setup_s, 2),
+            "torch_precision": prec.lightning, "torch_channels_last": prec.channels_last,
+            "torch_images_per_s": round(torch_rate, 1), "onnx_images_per_s": round(onnx_rate, 1),
+            "ratio": round(onnx_rate / torch_rate, 2), "torch_runs": [round(r, 1) for r in rates["torch"]],
+            "onnx_runs": [round(r, 1) for r in rates["onnx"]]}
 
 
 def _tiny_folder(root: Path) -> Path:
@@ -274,7 +326,7 @@ def _tiny_folder(root: Path) -> Path:
     return root
 
 
-# --- part 4: decoded-image cache ---------------------------------------------------------------------------
+# --- part 5: decoded-image cache ---------------------------------------------------------------------------
 
 
 def bench_cache(s: Settings, prec, tmp: Path) -> dict:
@@ -353,7 +405,7 @@ def make_photo_jpegs(root: Path, count: int, size: tuple[int, int], seed: int = 
     return root
 
 
-# --- part 5: allocator, one child process per setting ------------------------------------------------------
+# --- part 6: allocator, one child process per setting ------------------------------------------------------
 
 
 def bench_allocator(s: Settings, prec, tmp: Path) -> dict:
@@ -416,7 +468,8 @@ def _machine() -> dict:
             "python": platform.python_version()}
 
 
-BENCHES: dict[str, Callable[..., dict]] = {"steps": bench_steps, "frozen": bench_frozen, "cache": bench_cache,
+BENCHES: dict[str, Callable[..., dict]] = {"steps": bench_steps, "frozen": bench_frozen,
+                                           "frozen_forward": bench_frozen_forward, "cache": bench_cache,
                                            "allocator": bench_allocator}
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from ..errors import ImageDecodeError
+from ..runtime import usable_cpus
 from .balance import class_balanced_sampler
 from .cache import DecodedImageCache, FillStats
 from .folders import DatasetSplits, Sample
@@ -81,14 +82,8 @@ def collate_skipping(batch: Sequence[Item], image_shape: tuple[int, int, int] | 
 
 def default_num_workers() -> int:
     """One worker per CPU this process may use, minus one for the main process, at most 8."""
-    return max(0, min(_cpu_count() - 1, MAX_DEFAULT_WORKERS))
+    return max(0, min(usable_cpus() - 1, MAX_DEFAULT_WORKERS))
 
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # respects container / taskset limits, unlike cpu_count
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -194,7 +189,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
             return None
         self._cache_filled = True
         paths = [s.path for s in (*self.splits.train, *self.splits.val, *self.splits.test)]
-        workers = min(self.num_workers + 1, _cpu_count()) if self.num_workers else 0
+        workers = min(self.num_workers + 1, usable_cpus()) if self.num_workers else 0
         return self.decoded_cache.fill(paths, workers=workers)
 
     def _loader(

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .frozen_forward import frozen_forward
 
 # Calibrated on real data (scripts/reference_sets.py; numbers in the README): crops of the scikit-image and
 # scikit-learn sample photographs score 0.05-0.09 on tf_efficientnet_lite0 and mobilenetv2_100, while
@@ -36,27 +37,36 @@ class DomainGap:
         return "different" if self.score > self.threshold else "similar"
 
 
-class _InputStats:
-    """Accumulates per-channel sums of a BatchNorm layer's input."""
+class _NormInputMoments(nn.Module):
+    """Runs ``model`` and returns, for each of its BatchNorm layers, the per-channel mean and mean square of
+    that layer's input over the batch (and the spatial positions): two tensors of all layers' channels, each
+    [batch, channels], so that batches of any size add up exactly. Traceable, so it runs in onnxruntime too."""
 
-    def __init__(self) -> None:
-        self.n = 0
-        self.sum: torch.Tensor | None = None
-        self.sq: torch.Tensor | None = None
+    def __init__(self, model: nn.Module, norms: list[nn.modules.batchnorm._BatchNorm]) -> None:
+        super().__init__()
+        self.model = model
+        self.norms = norms
+        self._collected: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def __call__(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        x = inputs[0].detach().float()
-        dims = [d for d in range(x.ndim) if d != 1]
-        count = x.numel() // x.shape[1]
-        s, q = x.sum(dims).double(), x.pow(2).sum(dims).double()
-        self.sum = s if self.sum is None else self.sum + s
-        self.sq = q if self.sq is None else self.sq + q
-        self.n += count
+    def _record(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        x = inputs[0].float()
+        x = x.flatten(2) if x.ndim > 2 else x.unsqueeze(2)  # [N, C, positions]
+        self._collected.append((x.mean(2), x.pow(2).mean(2)))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._collected = []
+        hooks = [bn.register_forward_pre_hook(self._record) for bn in self.norms]
+        try:
+            self.model(images)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        means, squares = zip(*self._collected, strict=True)
+        return torch.cat(means, dim=1), torch.cat(squares, dim=1)
 
 
-def _kl_to_running(stats: _InputStats, bn: nn.modules.batchnorm._BatchNorm) -> float:
-    mean = stats.sum / stats.n
-    var = (stats.sq / stats.n - mean**2).clamp_min(1e-8)
+def _kl_to_running(mean: torch.Tensor, square: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm) -> float:
+    var = (square - mean**2).clamp_min(1e-8)
     ref_mean = bn.running_mean.double()
     ref_var = bn.running_var.double().clamp_min(1e-8)
     kl = 0.5 * (torch.log(ref_var / var) + (var + (mean - ref_mean) ** 2) / ref_var - 1)
@@ -70,37 +80,40 @@ def measure_domain_gap(
     max_images: int = 256,
     device: torch.device | str = "cpu",
     bf16: bool = False,
+    backend: str = "torch",
 ) -> DomainGap:
     """Score ``batches`` of ``(images, labels, skipped)`` against ``model``'s BatchNorm running statistics.
 
     ``model`` must be pretrained and contain BatchNorm layers (most CNNs); raises ValueError otherwise.
+    ``backend="onnx"`` runs the pass in onnxruntime (model/frozen_forward.py).
     """
     norms = [m for m in model.modules()
              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
     if not norms:
         raise ValueError(f"{type(model).__name__} has no BatchNorm running statistics to compare against")
-    stats = [_InputStats() for _ in norms]
-    hooks = [bn.register_forward_pre_hook(s) for bn, s in zip(norms, stats, strict=True)]
     was_training = model.training
-    model.eval().to(device)
-    seen = 0
-    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    moments = _NormInputMoments(model, norms)
+    forward = None
+    seen, mean_sum, square_sum = 0, None, None
     try:
-        with torch.inference_mode(), autocast:
-            for images, *_ in batches:
-                if images.shape[0] == 0:
-                    continue
-                images = images[: max_images - seen].to(device)
-                model(images)
-                seen += images.shape[0]
-                if seen >= max_images:
-                    break
+        for images, *_ in batches:
+            if images.shape[0] == 0:
+                continue
+            images = images[: max_images - seen]
+            if forward is None:
+                forward, _ = frozen_forward(moments, images, backend=backend, device=str(device), bf16=bf16)
+            means, squares = (o.double().sum(0) for o in forward(images))
+            mean_sum = means if mean_sum is None else mean_sum + means
+            square_sum = squares if square_sum is None else square_sum + squares
+            seen += images.shape[0]
+            if seen >= max_images:
+                break
     finally:
-        for hook in hooks:
-            hook.remove()
         model.train(was_training)
     if seen == 0:
         raise ValueError("no decodable image to measure the domain gap on")
-    per_layer = [_kl_to_running(s, bn) for s, bn in zip(stats, norms, strict=True)]
+    sizes = [bn.num_features for bn in norms]
+    per_layer = [_kl_to_running(m, q, bn) for m, q, bn in zip(
+        (mean_sum / seen).split(sizes), (square_sum / seen).split(sizes), norms, strict=True)]
     score = float(sum(per_layer) / len(per_layer))
     return DomainGap(score=score if math.isfinite(score) else float("inf"), per_layer=per_layer, images=seen)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .classifier import Classifier
+from .frozen_forward import frozen_forward
 
 log = logging.getLogger("finetune")
 
@@ -31,6 +32,7 @@ class CachedFeatures:
     labels: torch.Tensor  # int64 [N]
     skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    backend: str = "torch"  # what computed them: "onnx" (onnxruntime) or "torch"
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,17 @@ class ProbeResult:
     seconds: float
 
 
+class _HeadFeatures(nn.Module):
+    """``classifier.head_features`` as a module, so that it can be traced."""
+
+    def __init__(self, classifier: Classifier) -> None:
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier.head_features(images)
+
+
 def extract_features(
     classifier: Classifier,
     batches: Iterable,
@@ -51,25 +64,28 @@ def extract_features(
     device: torch.device | str = "cpu",
     bf16: bool = False,
     channels_last: bool = False,
+    backend: str = "torch",
 ) -> CachedFeatures:
-    """Run the frozen backbone once over ``batches`` of ``(images, labels, skipped)`` in eval mode."""
+    """Run the frozen backbone once over ``batches`` of ``(images, labels, skipped)`` in eval mode.
+
+    ``backend="onnx"`` runs it in onnxruntime (model/frozen_forward.py), ``"torch"`` in eager PyTorch on
+    ``device`` with bf16 autocast when ``bf16``. ``CachedFeatures.backend`` says which one ran."""
     started = time.perf_counter()
-    classifier.eval().to(device)
-    feats, labels, skipped = [], [], []
-    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    with torch.inference_mode(), autocast:
-        for images, targets, bad in batches:
-            skipped.extend(bad)
-            if images.shape[0] == 0:
-                continue
-            images = images.to(device)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            feats.append(classifier.head_features(images).float().cpu())
-            labels.append(targets)
+    classifier.eval()
+    module = _HeadFeatures(classifier)
+    feats, labels, skipped, forward, used = [], [], [], None, "torch"
+    for images, targets, bad in batches:
+        skipped.extend(bad)
+        if images.shape[0] == 0:
+            continue
+        if forward is None:
+            forward, used = frozen_forward(module, images, backend=backend, device=str(device), bf16=bf16,
+                                           channels_last=channels_last)
+        feats.append(forward(images)[0])
+        labels.append(targets)
     if not feats:
         raise RuntimeError("no image could be decoded; nothing to extract features from")
-    return CachedFeatures(torch.cat(feats), torch.cat(labels), skipped, time.perf_counter() - started)
+    return CachedFeatures(torch.cat(feats), torch.cat(labels), skipped, time.perf_counter() - started, used)
 
 
 def fit_linear_probe(

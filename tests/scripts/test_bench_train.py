@@ -9,7 +9,7 @@ from types import ModuleType
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-PARTS = ("steps", "frozen", "cache", "allocator")
+PARTS = ("steps", "frozen", "frozen_forward", "cache", "allocator")
 
 
 def load_script() -> ModuleType:
@@ -31,6 +31,14 @@ def test_quick_cache_part(tmp_path: Path) -> None:
     assert cache["later_over_first"] < 1  # even at 12 small images, a cached epoch beats the one that fills
 
 
+def test_quick_frozen_forward_part(tmp_path: Path) -> None:
+    out = tmp_path / "train.json"
+    assert load_script().main(["--quick", "--parts", "frozen_forward", "--out", str(out)]) == 0
+    part = json.loads(out.read_text())["frozen_forward"]
+    assert part["onnx_backend_used"] == "onnx"  # the graph passed its check against eager PyTorch
+    assert part["torch_images_per_s"] > 0 and part["onnx_images_per_s"] > 0 and part["onnx_setup_s"] > 0
+
+
 @pytest.mark.slow
 def test_quick_run_of_every_part(tmp_path: Path) -> None:
     out = tmp_path / "train.json"
@@ -40,4 +48,5 @@ def test_quick_run_of_every_part(tmp_path: Path) -> None:
     assert report["steps"]["bare_images_per_s"] > 0 and report["steps"]["lightning_images_per_s"] > 0
     assert report["frozen"]["cached"]["training"].startswith("probe")
     assert "Lightning" in report["frozen"]["uncached"]["training"]
+    assert report["frozen"]["cached_torch"]["features_backend"] == "torch"
     assert report["allocator"]["with_images_per_s"] > 0 and report["allocator"]["without_images_per_s"] > 0
