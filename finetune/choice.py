@@ -30,7 +30,7 @@ from .data.labels import read_labels_csv
 from .errors import UsageError
 from .model.backbones import create_backbone
 from .model.domain import DomainGap, measure_domain_gap
-from .model.frozen_forward import choose_backend
+from .model.frozen_forward import choose_backend, loader_workers
 from .recipes import Recipe
 from .runtime import Precision, choose_precision
 
@@ -56,11 +56,12 @@ def measure_domain(backbone: torch.nn.Module, splits: DatasetSplits, data_config
         return None
     sample = random.Random(seed).sample(splits.train, min(DOMAIN_SAMPLE_IMAGES, len(splits.train)))
     dataset = ImageFolderDataset(sample, build_transforms(data_config, False))
-    workers = default_num_workers() if num_workers is None else num_workers
-    loader = DataLoader(dataset, batch_size=64, num_workers=workers, collate_fn=collate_skipping)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    engine = choose_backend(backend, device).name
+    workers = loader_workers(engine, default_num_workers() if num_workers is None else num_workers)
+    loader = DataLoader(dataset, batch_size=64, num_workers=workers, collate_fn=collate_skipping)
     return measure_domain_gap(backbone, loader, max_images=DOMAIN_SAMPLE_IMAGES, device=device,
-                              bf16=precision.lightning == "bf16-mixed", backend=choose_backend(backend, device).name)
+                              bf16=precision.lightning == "bf16-mixed", backend=engine)
 
 
 def domain_sentence(gap: DomainGap | None, model: str, pretrained: bool) -> tuple[str, str]:

@@ -82,11 +82,16 @@ def tune_allocator() -> bool:
     return ok
 
 
-def onnx_session(model: str | Path | bytes, threads: int | None = None) -> Any:
-    """An onnxruntime CPU session with every graph optimisation on and one intra-op thread per usable core."""
+def onnx_session(model: str | Path | bytes, threads: int | None = None, spinning: bool = True) -> Any:
+    """An onnxruntime CPU session with every graph optimisation on and one intra-op thread per usable core.
+
+    ``spinning=False`` stops idle intra-op threads from busy-waiting for work, which helps when other
+    threads or processes need the same cores between graph runs (decoding the next batch, say)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or usable_cpus()
     options.inter_op_num_threads = 1

@@ -40,7 +40,7 @@ from .export import export_run
 from .model.backbones import create_backbone
 from .model.classifier import Classifier
 from .model.freezing import StagedFinetuning
-from .model.frozen_forward import choose_backend
+from .model.frozen_forward import choose_backend, loader_workers
 from .model.module import OptimConfig, TransferModule, metrics_from_logits
 from .model.probe import CachedFeatures, extract_features, fit_linear_probe
 from .recipes import Recipe
@@ -105,6 +105,7 @@ def fit(
     checked = preflight(load_splits(data_dir, labels=labels, split_file=split_file, val_fraction=val_fraction,
                                     seed=seed), max_unusable_fraction=max_unusable_fraction, progress=progress)
     splits = checked.splits
+    phases = {"preflight_s": time.perf_counter() - started}
     num_classes = len(splits.classes)
     images_per_class = len(splits.train) / num_classes
     shortcuts = {"model": model, "epochs": epochs, "batch_size": batch_size, "pretrained": pretrained}
@@ -115,6 +116,7 @@ def fit(
     backbone, data_config, chosen, reason, gap = _choose(recipe, domain, merged, splits, prec, frozen.name,
                                                          weights, num_workers, seed)
     log.info("recipe %s: %s", chosen.name, reason)
+    phases["recipe_choice_s"] = time.perf_counter() - started - sum(phases.values())
 
     pl.seed_everything(seed, workers=True, verbose=False)
     if chosen.drop_path:  # stochastic depth is set when timm builds the blocks
@@ -149,12 +151,14 @@ def fit(
         outcome = _train(module, datamodule, chosen, prec, run_dir, finetune_epochs, probe is not None,
                          progress, limit_batches)
 
+    finished = time.perf_counter()
     val_logits, val_labels = outcome.pop("val_outputs")
     calibration = fit_temperature(val_logits, val_labels)
     config = runs.model_config(classifier, chosen.model, splits.classes, data_config,
                                extra={"recipe": chosen.name, "version": __version__,
                                       "temperature": calibration.temperature})
     runs.save_model(run_dir, classifier, config)
+    phases["calibrate_and_save_s"] = time.perf_counter() - finished
     exported = None
     if export:
         export_started = time.perf_counter()
@@ -192,7 +196,8 @@ def fit(
         "skipped": skipped,
         "preflight": checked.to_dict(),
         "balance": checked.balance.to_dict(),
-        "timings": {"total_s": time.perf_counter() - started, **outcome["timings"]},
+        "timings": {"total_s": time.perf_counter() - started, **phases, **outcome["timings"],
+                    "export_s": exported["seconds"] if exported else 0.0},
         "train_images_per_s": outcome["train_images_per_s"],
         "trainable_parameters": module.trainable_summary(),
         "versions": _versions(),
@@ -234,7 +239,9 @@ def _use_probe(r: Recipe, classifier: Classifier) -> bool:
     return r.cached_features and has_frozen_phase and linear
 
 
-def _extract(classifier: Classifier, loader, prec: Precision, backend: str) -> CachedFeatures:
+def _extract(classifier: Classifier, datamodule: ImageFolderDataModule, split: str, prec: Precision, backend: str,
+             augment: bool = False) -> CachedFeatures:
+    loader = datamodule.feature_loader(split, augment, num_workers=loader_workers(backend, datamodule.num_workers))
     return extract_features(classifier, loader, device=_device(), bf16=prec.lightning == "bf16-mixed",
                             channels_last=prec.channels_last, backend=backend)
 
@@ -243,12 +250,12 @@ def _probe(classifier: Classifier, datamodule: ImageFolderDataModule, r: Recipe,
            run_dir: Path) -> dict[str, Any]:
     """Fit the head on features computed once (plus ``feature_views`` augmented passes); install it."""
     classifier.set_trainable(0)
-    views = [_extract(classifier, datamodule.feature_loader("train"), prec, backend)]
-    views += [_extract(classifier, datamodule.feature_loader("train", augment=True), prec, backend)
+    views = [_extract(classifier, datamodule, "train", prec, backend)]
+    views += [_extract(classifier, datamodule, "train", prec, backend, augment=True)
               for _ in range(r.feature_views)]
     train = CachedFeatures(torch.cat([v.features for v in views]), torch.cat([v.labels for v in views]),
                            sorted({p for v in views for p in v.skipped}), sum(v.seconds for v in views))
-    val = _extract(classifier, datamodule.feature_loader("val"), prec, backend)
+    val = _extract(classifier, datamodule, "val", prec, backend)
     result = fit_linear_probe(train, val, classifier.num_classes)
     classifier.set_linear_head(result.weight, result.bias, result.mean, result.std)
     best = next(row for row in result.sweep if row["weight_decay"] == result.weight_decay)
@@ -272,7 +279,7 @@ def _finish_probe_only(module: TransferModule, probe: dict[str, Any], datamodule
     metrics = metrics_from_logits(val_logits, val.labels, classifier.num_classes)
     test = {}
     if datamodule.has_test:
-        cached = _extract(classifier, datamodule.feature_loader("test"), prec, backend)
+        cached = _extract(classifier, datamodule, "test", prec, backend)
         module.skipped_files.update(cached.skipped)
         with torch.inference_mode():
             test = metrics_from_logits(classifier.head_logits(cached.features), cached.labels, classifier.num_classes)

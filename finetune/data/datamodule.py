@@ -172,13 +172,15 @@ class ImageFolderDataModule(pl.LightningDataModule):
         """The test loader; it has zero batches when the folder has no test split (see `has_test`)."""
         return self._loader(self.test_dataset)
 
-    def feature_loader(self, split: str, augment: bool = False) -> DataLoader[Item]:
+    def feature_loader(self, split: str, augment: bool = False, num_workers: int | None = None) -> DataLoader[Item]:
         """Every image of ``split`` once, in order (no shuffling, nothing dropped), for caching features:
-        the eval transform, or the training augmentation when ``augment`` (one augmented view per pass)."""
+        the eval transform, or the training augmentation when ``augment`` (one augmented view per pass).
+        ``num_workers`` overrides the datamodule's for this pass."""
         samples = {"train": self.splits.train, "val": self.splits.val, "test": self.splits.test}[split]
         transform = self.train_transform if augment else self.eval_transform
         # a one-off pass: persistent workers would outlive it for nothing
-        return self._loader(ImageFolderDataset(samples, transform, self.decoded_cache), persistent=False)
+        return self._loader(ImageFolderDataset(samples, transform, self.decoded_cache), persistent=False,
+                            num_workers=num_workers)
 
     def fill_decoded_cache(self) -> FillStats | None:
         """Decode every image of every split into the decoded-image cache, once per datamodule (a no-op
@@ -201,9 +203,10 @@ class ImageFolderDataModule(pl.LightningDataModule):
         generator: torch.Generator | None = None,
         persistent: bool = True,
         sampler: Sampler[int] | None = None,
+        num_workers: int | None = None,
     ) -> DataLoader[Item]:
         self.fill_decoded_cache()
-        workers = self.num_workers if len(dataset) > 0 else 0
+        workers = (self.num_workers if num_workers is None else num_workers) if len(dataset) > 0 else 0
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
