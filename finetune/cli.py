@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_fit(args: argparse.Namespace) -> int:
     from .train import fit
 
+    if not args.verbose:
+        _quiet_lightning()  # importing pytorch_lightning just set its logger back to INFO
+
     result = fit(
         args.data, args.recipe, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
         overrides=_parse_set(args.set), domain=args.domain, out=args.out, split_file=args.split,
@@ -460,10 +463,15 @@ def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler], force=True)
     logging.getLogger("finetune").setLevel(logging.DEBUG if verbose else logging.INFO)
     if not verbose:
-        for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        _quiet_lightning()
         warnings.filterwarnings("ignore", module="pytorch_lightning")
         warnings.filterwarnings("ignore", module="lightning_fabric")
+
+
+def _quiet_lightning() -> None:
+    """Lightning's INFO lines (devices found, logger tips) say nothing about this run that fit does not."""
+    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
