@@ -40,9 +40,9 @@ from .export import export_run
 from .model.backbones import create_backbone
 from .model.classifier import Classifier
 from .model.freezing import StagedFinetuning
-from .model.frozen_forward import choose_backend, loader_workers
+from .model.frozen_forward import FrozenPass, choose_backend, loader_workers
 from .model.module import OptimConfig, TransferModule, metrics_from_logits
-from .model.probe import CachedFeatures, extract_features, fit_linear_probe
+from .model.probe import CachedFeatures, extract_features, feature_pass, fit_linear_probe
 from .recipes import Recipe
 from .runtime import Precision, choose_precision, tune_allocator
 
@@ -146,7 +146,7 @@ def fit(
         module.skipped_files.update(probe["skipped"])
     finetune_epochs = chosen.epochs - (chosen.freeze_epochs if probe is not None else 0)
     if probe is not None and not chosen.trains_backbone:
-        outcome = _finish_probe_only(module, probe, datamodule, prec, frozen.name, run_dir)
+        outcome = _finish_probe_only(module, probe, datamodule, run_dir)
     else:
         outcome = _train(module, datamodule, chosen, prec, run_dir, finetune_epochs, probe is not None,
                          progress, limit_batches)
@@ -191,7 +191,8 @@ def fit(
         "test": outcome["test"],
         "calibration": calibration.to_dict(),
         "export": exported,
-        "probe": None if probe is None else {k: v for k, v in probe.items() if k not in ("skipped", "val_features")},
+        "probe": None if probe is None else {k: v for k, v in probe.items()
+                                             if k not in ("skipped", "val_features", "runner")},
         "skipped_files": len(skipped),
         "skipped": skipped,
         "preflight": checked.to_dict(),
@@ -239,23 +240,25 @@ def _use_probe(r: Recipe, classifier: Classifier) -> bool:
     return r.cached_features and has_frozen_phase and linear
 
 
-def _extract(classifier: Classifier, datamodule: ImageFolderDataModule, split: str, prec: Precision, backend: str,
+def _extract(classifier: Classifier, datamodule: ImageFolderDataModule, split: str, runner: FrozenPass,
              augment: bool = False) -> CachedFeatures:
-    loader = datamodule.feature_loader(split, augment, num_workers=loader_workers(backend, datamodule.num_workers))
-    return extract_features(classifier, loader, device=_device(), bf16=prec.lightning == "bf16-mixed",
-                            channels_last=prec.channels_last, backend=backend)
+    workers = loader_workers(runner.requested, datamodule.num_workers)
+    return extract_features(classifier, datamodule.feature_loader(split, augment, num_workers=workers),
+                            runner=runner)
 
 
 def _probe(classifier: Classifier, datamodule: ImageFolderDataModule, r: Recipe, prec: Precision, backend: str,
            run_dir: Path) -> dict[str, Any]:
     """Fit the head on features computed once (plus ``feature_views`` augmented passes); install it."""
     classifier.set_trainable(0)
-    views = [_extract(classifier, datamodule, "train", prec, backend)]
-    views += [_extract(classifier, datamodule, "train", prec, backend, augment=True)
+    runner = feature_pass(classifier, device=_device(), bf16=prec.lightning == "bf16-mixed",
+                          channels_last=prec.channels_last, backend=backend)  # one trace for every pass
+    views = [_extract(classifier, datamodule, "train", runner)]
+    views += [_extract(classifier, datamodule, "train", runner, augment=True)
               for _ in range(r.feature_views)]
     train = CachedFeatures(torch.cat([v.features for v in views]), torch.cat([v.labels for v in views]),
                            sorted({p for v in views for p in v.skipped}), sum(v.seconds for v in views))
-    val = _extract(classifier, datamodule, "val", prec, backend)
+    val = _extract(classifier, datamodule, "val", runner)
     result = fit_linear_probe(train, val, classifier.num_classes)
     classifier.set_linear_head(result.weight, result.bias, result.mean, result.std)
     best = next(row for row in result.sweep if row["weight_decay"] == result.weight_decay)
@@ -264,13 +267,13 @@ def _probe(classifier: Classifier, datamodule: ImageFolderDataModule, r: Recipe,
              len(train.labels), train.seconds + val.seconds + result.seconds, result.weight_decay, best["val_acc"])
     return {"weight_decay": result.weight_decay, "sweep": result.sweep, "views": 1 + r.feature_views,
             "feature_dim": int(train.features.shape[1]), "features_s": train.seconds + val.seconds,
-            "features_backend": val.backend,
+            "features_backend": val.backend, "runner": runner,
             "fit_s": result.seconds, "skipped": sorted(set(train.skipped) | set(val.skipped)),
             "val_features": val}
 
 
 def _finish_probe_only(module: TransferModule, probe: dict[str, Any], datamodule: ImageFolderDataModule,
-                       prec: Precision, backend: str, run_dir: Path) -> dict[str, Any]:
+                       run_dir: Path) -> dict[str, Any]:
     """A frozen-backbone recipe is done after the probe: metrics come from the cached validation features."""
     classifier = module.classifier
     val: CachedFeatures = probe["val_features"]
@@ -279,7 +282,7 @@ def _finish_probe_only(module: TransferModule, probe: dict[str, Any], datamodule
     metrics = metrics_from_logits(val_logits, val.labels, classifier.num_classes)
     test = {}
     if datamodule.has_test:
-        cached = _extract(classifier, datamodule, "test", prec, backend)
+        cached = _extract(classifier, datamodule, "test", probe["runner"])  # the backbone has not changed
         module.skipped_files.update(cached.skipped)
         with torch.inference_mode():
             test = metrics_from_logits(classifier.head_logits(cached.features), cached.labels, classifier.num_classes)

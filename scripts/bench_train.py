@@ -281,14 +281,14 @@ def bench_frozen_forward(s: Settings, prec, tmp: Path) -> dict:
     from finetune import create_backbone
     from finetune.model.classifier import Classifier
     from finetune.model.frozen_forward import frozen_forward
-    from finetune.model.probe import _HeadFeatures
+    from finetune.model.probe import HeadFeatures
 
     size = s.image_size
     backbone = create_backbone(MODEL, pretrained=True, num_classes=NUM_CLASSES)
     classifier = Classifier(backbone, NUM_CLASSES, head="multistage", head_stages=3).eval()
     if prec.channels_last:
         classifier = classifier.to(memory_format=torch.channels_last)
-    module = _HeadFeatures(classifier)
+    module = HeadFeatures(classifier)
     g = torch.Generator().manual_seed(0)
     batches = [torch.randn(s.batch_size, 3, size, size, generator=g) for _ in range(s.forward_batches)]
     t0 = time.perf_counter()

@@ -89,6 +89,26 @@ def frozen_forward(module: nn.Module, example: torch.Tensor, *, backend: str = "
     return _torch_forward(module, device, bf16, channels_last), "torch"
 
 
+class FrozenPass:
+    """``module`` run by one backend over many batches and passes. Built on the first batch it sees (so that an
+    ONNX graph is traced and checked on real images), then reused: one trace for the training, validation
+    and test passes instead of one each. ``backend`` tells what ran (None before the first batch). The module
+    must not change between passes: an ONNX graph holds a copy of the weights it was traced with."""
+
+    def __init__(self, module: nn.Module, *, backend: str = "torch", device: str = "cpu", bf16: bool = False,
+                 channels_last: bool = False) -> None:
+        self.module = module
+        self.requested = backend
+        self.options = {"device": device, "bf16": bf16, "channels_last": channels_last}
+        self.backend: str | None = None
+        self._forward: Forward | None = None
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self._forward is None:
+            self._forward, self.backend = frozen_forward(self.module, images, backend=self.requested, **self.options)
+        return self._forward(images)
+
+
 def _as_tuple(out: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     return (out,) if isinstance(out, torch.Tensor) else tuple(out)
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .classifier import Classifier
-from .frozen_forward import frozen_forward
+from .frozen_forward import FrozenPass
 
 log = logging.getLogger("finetune")
 
@@ -46,7 +46,7 @@ class ProbeResult:
     seconds: float
 
 
-class _HeadFeatures(nn.Module):
+class HeadFeatures(nn.Module):
     """``classifier.head_features`` as a module, so that it can be traced."""
 
     def __init__(self, classifier: Classifier) -> None:
@@ -65,27 +65,35 @@ def extract_features(
     bf16: bool = False,
     channels_last: bool = False,
     backend: str = "torch",
+    runner: FrozenPass | None = None,
 ) -> CachedFeatures:
     """Run the frozen backbone once over ``batches`` of ``(images, labels, skipped)`` in eval mode.
 
     ``backend="onnx"`` runs it in onnxruntime (model/frozen_forward.py), ``"torch"`` in eager PyTorch on
-    ``device`` with bf16 autocast when ``bf16``. ``CachedFeatures.backend`` says which one ran."""
+    ``device`` with bf16 autocast when ``bf16``; ``runner`` (from ``feature_pass``) reuses one built
+    earlier, for several passes. ``CachedFeatures.backend`` says which one ran."""
     started = time.perf_counter()
     classifier.eval()
-    module = _HeadFeatures(classifier)
-    feats, labels, skipped, forward, used = [], [], [], None, "torch"
+    if runner is None:
+        runner = feature_pass(classifier, device=device, bf16=bf16, channels_last=channels_last, backend=backend)
+    feats, labels, skipped = [], [], []
     for images, targets, bad in batches:
         skipped.extend(bad)
         if images.shape[0] == 0:
             continue
-        if forward is None:
-            forward, used = frozen_forward(module, images, backend=backend, device=str(device), bf16=bf16,
-                                           channels_last=channels_last)
-        feats.append(forward(images)[0])
+        feats.append(runner(images)[0])
         labels.append(targets)
     if not feats:
         raise RuntimeError("no image could be decoded; nothing to extract features from")
-    return CachedFeatures(torch.cat(feats), torch.cat(labels), skipped, time.perf_counter() - started, used)
+    return CachedFeatures(torch.cat(feats), torch.cat(labels), skipped, time.perf_counter() - started,
+                          runner.backend or backend)
+
+
+def feature_pass(classifier: Classifier, *, device: torch.device | str = "cpu", bf16: bool = False,
+                 channels_last: bool = False, backend: str = "torch") -> FrozenPass:
+    """What computes ``classifier.head_features``, reusable over several ``extract_features`` passes."""
+    return FrozenPass(HeadFeatures(classifier), backend=backend, device=str(device), bf16=bf16,
+                      channels_last=channels_last)
 
 
 def fit_linear_probe(

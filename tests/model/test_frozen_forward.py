@@ -10,7 +10,7 @@ from torch import nn
 from finetune.model import frozen_forward as ff
 from finetune.model.classifier import Classifier
 from finetune.model.domain import measure_domain_gap
-from finetune.model.probe import extract_features
+from finetune.model.probe import extract_features, feature_pass
 
 
 def classifier(name="test_efficientnet", head="linear"):
@@ -81,3 +81,16 @@ def test_without_onnxruntime_auto_uses_pytorch(monkeypatch):
     assert ff.choose_backend("auto", "cpu").name == "torch"
     with pytest.raises(ValueError, match="pip install onnxruntime"):
         ff.choose_backend("onnx", "cpu")
+
+
+def test_one_trace_serves_every_pass(monkeypatch):
+    traces = []
+    real = ff._onnx_forward
+    monkeypatch.setattr(ff, "_onnx_forward", lambda module, example: traces.append(1) or real(module, example))
+    model = classifier()
+    runner = feature_pass(model, backend="onnx")
+    assert runner.backend is None  # nothing built before the first batch
+    train = extract_features(model, batches(), runner=runner)
+    val = extract_features(model, batches(n=1), runner=runner)
+    assert len(traces) == 1 and train.backend == val.backend == runner.backend == "onnx"
+    torch.testing.assert_close(val.features, train.features[:5])
