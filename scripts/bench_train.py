@@ -3,6 +3,7 @@
     python scripts/bench_train.py                       # about 10 minutes; writes bench/train.json
     python scripts/bench_train.py --quick --out /tmp/t.json        # smoke run on tiny settings
     python scripts/bench_train.py --parts steps,cache   # some parts only
+    python scripts/bench_train.py --parts frozen_forward,frozen --out bench/train-avx2.json   # machine B
 
 Parts:
 - ``steps``: images/s of a bare PyTorch training loop with this machine's best settings (bf16 autocast +
