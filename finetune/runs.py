@@ -222,15 +222,17 @@ def write_report(path: Path, summary: dict[str, Any]) -> None:
     atomic_write_bytes(path, "\n".join(lines).encode())
 
 
-def save_checkpoint(folder: Path, state_dict: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
-    """``best.ckpt`` and ``last.ckpt`` for a run without Lightning epochs (a probe): the same ``state_dict``
-    layout as Lightning's checkpoints, readable with ``torch.load(weights_only=True)``."""
+def save_checkpoint(folder: Path, state_dict: dict[str, torch.Tensor], extra: dict[str, Any],
+                    names: tuple[str, ...] = ("best.ckpt", "last.ckpt")) -> None:
+    """``best.ckpt`` and ``last.ckpt`` (or ``names``) for a run without Lightning epochs (a probe), or the
+    probe of an LP-FT run that beat every fine-tuned epoch: the same ``state_dict`` layout as Lightning's
+    checkpoints, readable with ``torch.load(weights_only=True)``."""
     import io
 
     buffer = io.BytesIO()
     torch.save({"state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}, "epoch": 0,
                 "global_step": 0, "finetune": extra}, buffer)
-    for name in ("best.ckpt", "last.ckpt"):
+    for name in names:
         atomic_write_bytes(folder / name, buffer.getvalue())
 
 

@@ -148,8 +148,11 @@ def fit(
     if probe is not None and not chosen.trains_backbone:
         outcome = _finish_probe_only(module, probe, datamodule, run_dir)
     else:
+        probed = _probe_candidate(module, probe) if probe is not None else None
         outcome = _train(module, datamodule, chosen, prec, run_dir, finetune_epochs, probe is not None,
                          progress, limit_batches)
+        if probed is not None:
+            outcome = _keep_the_better(module, probed, probe, outcome, datamodule, run_dir)
 
     finished = time.perf_counter()
     val_logits, val_labels = outcome.pop("val_outputs")
@@ -292,6 +295,41 @@ def _finish_probe_only(module: TransferModule, probe: dict[str, Any], datamodule
     return {"training": "probe: linear head by L-BFGS on cached features", "epochs_run": 0, "best_epoch": None,
             "val": metrics, "test": test, "val_outputs": (val_logits, val.labels),
             "timings": {"train_s": seconds}, "train_images_per_s": len(datamodule.splits.train) / seconds}
+
+
+def _probe_candidate(module: TransferModule, probe: dict[str, Any]) -> dict[str, Any]:
+    """The probed model as it stands before fine-tuning (LP-FT): weights and validation scores, so that it
+    competes with the fine-tuned epochs for "best"."""
+    classifier = module.classifier
+    val: CachedFeatures = probe["val_features"]
+    with torch.inference_mode():
+        logits = classifier.head_logits(val.features)
+    return {"state": {k: v.detach().clone() for k, v in module.state_dict().items()}, "logits": logits,
+            "labels": val.labels, "val": metrics_from_logits(logits, val.labels, classifier.num_classes)}
+
+
+def _keep_the_better(module: TransferModule, probed: dict[str, Any], probe: dict[str, Any],
+                     outcome: dict[str, Any], datamodule: ImageFolderDataModule, run_dir: Path) -> dict[str, Any]:
+    """Fine-tuning keeps its best epoch on validation accuracy; when the probed head alone scored higher than
+    every epoch, the probed model is the best one and is what the run keeps (``best.ckpt``, the export)."""
+    if probed["val"]["acc"] <= outcome["val"]["acc"]:
+        return outcome
+    log.info("the probed head (val acc %.4f) beat every fine-tuned epoch (best %.4f): keeping the probed model",
+             probed["val"]["acc"], outcome["val"]["acc"])
+    module.load_state_dict(probed["state"])
+    classifier = module.classifier
+    test = {}
+    if datamodule.has_test:  # the probe's pass computes the pretrained backbone's features: the probed model's
+        cached = _extract(classifier, datamodule, "test", probe["runner"])
+        with torch.inference_mode():
+            test = metrics_from_logits(classifier.head_logits(cached.features), cached.labels, classifier.num_classes)
+    runs.save_checkpoint(run_dir / "checkpoints", module.state_dict(),
+                         {"phase": "probe", "val": probed["val"], "fine_tuned_best_val": outcome["val"]},
+                         names=("best.ckpt",))
+    return {**outcome, "val": probed["val"], "test": test, "val_outputs": (probed["logits"], probed["labels"]),
+            "best_epoch": None, "kept": "probe",
+            "training": outcome["training"] + f"; the probed head (val acc {probed['val']['acc']:.4f}) beat every "
+                        f"fine-tuned epoch (best {outcome['val']['acc']:.4f}) and was kept"}
 
 
 def _train(module: TransferModule, datamodule: ImageFolderDataModule, r: Recipe, prec: Precision, run_dir: Path,

@@ -16,8 +16,9 @@ from finetune.train import fit
 FAST = {"epochs": 2, "batch_size": 8, "freeze_epochs": 1, "head_stages": 2}
 
 
-def _fit(folder, name, tmp_path, **kwargs):
+def _fit(folder, name, tmp_path, overrides_extra=None, **kwargs):
     overrides = dict(FAST) if recipes.get(name).trains_backbone else {"epochs": 2, "batch_size": 8, "head_stages": 2}
+    overrides |= overrides_extra or {}
     return fit(folder, name, model="test_efficientnet", pretrained=False, overrides=overrides,
                out=tmp_path / "run", progress=False, num_workers=0, export=None, **kwargs)
 
@@ -138,3 +139,17 @@ def test_unreadable_files_are_skipped_named_and_counted(tiny_folder, tmp_path):
     assert summary["skipped_files"] == 3
     assert {p.rsplit("/", 1)[-1] for p in summary["skipped"]} == bad
     assert set(summary["preflight"]["excluded"]) == set(summary["skipped"])  # found before any compute
+
+
+def test_lp_ft_keeps_the_probed_model_when_no_fine_tuned_epoch_beats_it(tiny_folder, tmp_path):
+    # a learning rate that wrecks the network in its first steps: the probed head must win and be kept
+    result = _fit(tiny_folder, "large-similar", tmp_path, overrides_extra={"lr": 1.0, "backbone_lr_scale": 1.0})
+    summary = result.summary
+    assert summary["probe"] is not None and "was kept" in summary["training"]
+    probe_acc = max(row["val_acc"] for row in summary["probe"]["sweep"])
+    assert result.accuracy == pytest.approx(probe_acc) and summary["best_epoch"] is None
+    best = torch.load(result.run_dir / "checkpoints/best.ckpt", map_location="cpu", weights_only=True)
+    assert best["finetune"]["phase"] == "probe"
+    classifier, _ = load_model(result.run_dir)  # the export holds the probed model too
+    state = {k.removeprefix("classifier."): v for k, v in best["state_dict"].items() if k.startswith("classifier.")}
+    assert all(torch.equal(v, state[k]) for k, v in classifier.state_dict().items())
