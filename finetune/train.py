@@ -283,18 +283,25 @@ def _finish_probe_only(module: TransferModule, probe: dict[str, Any], datamodule
     with torch.inference_mode():
         val_logits = classifier.head_logits(val.features)
     metrics = metrics_from_logits(val_logits, val.labels, classifier.num_classes)
-    test = {}
-    if datamodule.has_test:
-        cached = _extract(classifier, datamodule, "test", probe["runner"])  # the backbone has not changed
-        module.skipped_files.update(cached.skipped)
-        with torch.inference_mode():
-            test = metrics_from_logits(classifier.head_logits(cached.features), cached.labels, classifier.num_classes)
+    test = _probe_test_metrics(module, datamodule, probe["runner"])  # the backbone has not changed
     runs.save_checkpoint(run_dir / "checkpoints", module.state_dict(), {"phase": "probe", "val": metrics})
     runs.write_final_metrics(run_dir / "metrics.csv", metrics)
     seconds = probe["features_s"] + probe["fit_s"]
     return {"training": "probe: linear head by L-BFGS on cached features", "epochs_run": 0, "best_epoch": None,
             "val": metrics, "test": test, "val_outputs": (val_logits, val.labels),
             "timings": {"train_s": seconds}, "train_images_per_s": len(datamodule.splits.train) / seconds}
+
+
+def _probe_test_metrics(module: TransferModule, datamodule: ImageFolderDataModule,
+                        runner: FrozenPass) -> dict[str, float]:
+    """Test metrics of the probed head on the cached-feature pass ({} without a test split)."""
+    if not datamodule.has_test:
+        return {}
+    classifier = module.classifier
+    cached = _extract(classifier, datamodule, "test", runner)
+    module.skipped_files.update(cached.skipped)
+    with torch.inference_mode():
+        return metrics_from_logits(classifier.head_logits(cached.features), cached.labels, classifier.num_classes)
 
 
 def _probe_candidate(module: TransferModule, probe: dict[str, Any]) -> dict[str, Any]:
@@ -317,12 +324,8 @@ def _keep_the_better(module: TransferModule, probed: dict[str, Any], probe: dict
     log.info("the probed head (val acc %.4f) beat every fine-tuned epoch (best %.4f): keeping the probed model",
              probed["val"]["acc"], outcome["val"]["acc"])
     module.load_state_dict(probed["state"])
-    classifier = module.classifier
-    test = {}
-    if datamodule.has_test:  # the probe's pass computes the pretrained backbone's features: the probed model's
-        cached = _extract(classifier, datamodule, "test", probe["runner"])
-        with torch.inference_mode():
-            test = metrics_from_logits(classifier.head_logits(cached.features), cached.labels, classifier.num_classes)
+    # the probe's pass computes the pretrained backbone's features: the probed model's
+    test = _probe_test_metrics(module, datamodule, probe["runner"])
     runs.save_checkpoint(run_dir / "checkpoints", module.state_dict(),
                          {"phase": "probe", "val": probed["val"], "fine_tuned_best_val": outcome["val"]},
                          names=("best.ckpt",))

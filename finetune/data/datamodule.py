@@ -85,7 +85,6 @@ def default_num_workers() -> int:
     return max(0, min(usable_cpus() - 1, MAX_DEFAULT_WORKERS))
 
 
-
 def _seed_worker(worker_id: int) -> None:
     """Give each loader worker its own augmentation stream.
 

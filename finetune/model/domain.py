@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .frozen_forward import frozen_forward
+from .frozen_forward import FrozenPass
 
 # Calibrated on real data (scripts/reference_sets.py; numbers in the README): crops of the scikit-image and
 # scikit-learn sample photographs score 0.05-0.09 on tf_efficientnet_lite0 and mobilenetv2_100, while
@@ -96,16 +96,13 @@ def measure_domain_gap(
     if not norms:
         raise ValueError(f"{type(model).__name__} has no BatchNorm running statistics to compare against")
     was_training = model.training
-    moments = _NormInputMoments(model, norms)
-    forward = None
+    forward = FrozenPass(_NormInputMoments(model, norms), backend=backend, device=str(device), bf16=bf16)
     seen, mean_sum, square_sum = 0, None, None
     try:
         for images, *_ in batches:
             if images.shape[0] == 0:
                 continue
             images = images[: max_images - seen]
-            if forward is None:
-                forward, _ = frozen_forward(moments, images, backend=backend, device=str(device), bf16=bf16)
             means, squares = (o.double().sum(0) for o in forward(images))
             mean_sum = means if mean_sum is None else mean_sum + means
             square_sum = squares if square_sum is None else square_sum + squares

@@ -2,12 +2,12 @@
 
 A frozen backbone is pure inference: eval mode, no gradient, the same weights for every batch. On a CPU,
 onnxruntime runs that much faster than eager PyTorch (fused Conv+BatchNorm+activation, NCHWc blocked layouts):
-measured on tf_efficientnet_lite0 on 2 cores of an AVX2 CPU in fp32, about 100 against 22 images/s
-(``scripts/bench_train.py``, part ``frozen_forward``). So the one-off passes of ``fit`` (the domain-gap
-measurement, the cached features of frozen phases) trace the module into an in-memory ONNX graph with
-torch's TorchScript-based exporter (1-2 s; the dynamo exporter takes 17 s for the same graph), run it in
-onnxruntime, and check it against the eager module; on any failure they fall back to eager PyTorch with a
-warning. On a GPU, eager PyTorch (with autocast where chosen) is used.
+measured on tf_efficientnet_lite0's multi-stage features on 2 cores of an AVX2 CPU in fp32, 85.5 against 14.3
+images/s (``scripts/bench_train.py``, part ``frozen_forward``; ``bench/train-avx2.json``). So the one-off
+passes of ``fit`` (the domain-gap measurement, the cached features of frozen phases) trace the module into an
+in-memory ONNX graph with torch's TorchScript-based exporter (1-2 s; the dynamo exporter takes 17 s for the
+same graph), run it in onnxruntime, and check it against the eager module; on any failure they fall back to
+eager PyTorch with a warning. On a GPU, eager PyTorch (with autocast where chosen) is used.
 
 The graph has a fixed batch size (``GRAPH_BATCH``); batches are cut into pieces of that size and the last
 one is padded. Fixed shapes let onnxruntime fold every shape computation (TensorFlow-style "same" padding
