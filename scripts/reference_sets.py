@@ -8,6 +8,8 @@ Used to calibrate and test the domain-gap measurement behind `--recipe auto`:
     fashion   Fashion-MNIST from the Debian package dataset-fashion-mnist (different)
 
     python scripts/reference_sets.py --out /tmp/reference --per-class 20
+    python scripts/reference_sets.py --out /tmp/reference --per-class 40 \
+        --gap tf_efficientnet_lite0 mobilenetv2_100          # also measure each set's domain gap: the README table
 """
 
 from __future__ import annotations
@@ -100,11 +102,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--per-class", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sets", nargs="*", default=list(WRITERS), choices=list(WRITERS))
+    parser.add_argument("--gap", nargs="*", default=[], metavar="MODEL",
+                        help="measure the domain gap of every set on these backbones (finetune.choice.inspect_dataset)")
     args = parser.parse_args(argv)
+    folders = {}
     for name in args.sets:
-        folder = WRITERS[name][1](args.out / name, args.per_class, args.seed)
-        print(f"{name}: {folder}")
+        folders[name] = WRITERS[name][1](args.out / name, args.per_class, args.seed)
+        print(f"{name}: {folders[name]}")
+    if args.gap:
+        print_gaps(folders, args.gap)
     return 0
+
+
+def print_gaps(folders: dict[str, Path], models: Sequence[str]) -> None:
+    """A markdown table: each set's domain gap on each backbone, the decision, and the expected one."""
+    from finetune.choice import inspect_dataset
+
+    print("| data set | " + " | ".join(f"gap, `{m}`" for m in models) + " | decision | expected |")
+    print("|---" * (len(models) + 3) + "|")
+    for name, folder in folders.items():
+        results = [inspect_dataset(folder, model=m) for m in models]
+        gaps = [r.domain_gap for r in results]
+        decisions = sorted({g.domain for g in gaps})
+        print(f"| {name} ({gaps[0].images} images) | " + " | ".join(f"{g.score:.3f}" for g in gaps)
+              + f" | {'/'.join(decisions)} | {WRITERS[name][0]} |", flush=True)
 
 
 if __name__ == "__main__":
