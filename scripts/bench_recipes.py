@@ -1,6 +1,7 @@
 """Every built-in recipe (and `auto`) on the Fashion-MNIST demo folder: validation accuracy and wall time.
 
     python scripts/bench_recipes.py --out bench/recipes.json
+    python scripts/bench_recipes.py --recipes large-similar --fp32 --set epochs=3   # bf16 against fp32, shorter
 
 Each recipe runs in its own process through the CLI (`finetune fit DIR --recipe NAME`), timed end to end,
 imports included. The demo folder is made first if missing (scripts/make_fashion_mnist.py).
@@ -20,10 +21,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_recipe(data: Path, recipe: str, workdir: Path, precision: str = "auto") -> dict:
+def run_recipe(data: Path, recipe: str, workdir: Path, precision: str = "auto", sets: list[str] = ()) -> dict:
     out = workdir / f"{recipe}-{precision}"
     command = [sys.executable, "-m", "finetune.cli", "fit", str(data), "--recipe", recipe, "--no-progress",
-               "--out", str(out), "--precision", precision]
+               "--out", str(out), "--precision", precision, *(a for kv in sets for a in ("--set", kv))]
     load = os.getloadavg()[0]
     started = time.perf_counter()
     subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -31,7 +32,8 @@ def run_recipe(data: Path, recipe: str, workdir: Path, precision: str = "auto") 
     summary = json.loads((out / "summary.json").read_text())
     return {"recipe": recipe, "precision": summary["precision"], "chosen": summary["recipe"],
             "val_acc": summary["val"]["acc"], "macro_f1": summary["val"]["macro_f1"], "wall_s": round(wall, 1),
-            "training": summary["training"], "epochs_run": summary["epochs_run"], "load_at_start": load}
+            "training": summary["training"], "epochs_run": summary["epochs_run"], "best_epoch": summary["best_epoch"],
+            "sets": list(sets), "load_at_start": load}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
                         default=["auto", "small-similar", "small-different", "large-similar", "large-different"])
     parser.add_argument("--fp32", action="store_true",
                         help="also run each recipe in fp32, to check that bf16 autocast costs no accuracy")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="recipe override passed to every run (finetune fit --set)")
     args = parser.parse_args(argv)
     if not (args.data / "train").is_dir():
         subprocess.run([sys.executable, str(ROOT / "scripts/make_fashion_mnist.py"), "--out", str(args.data),
@@ -50,10 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for recipe in args.recipes:
             for precision in ("auto", "fp32") if args.fp32 else ("auto",):
-                rows.append(run_recipe(args.data, recipe, Path(tmp), precision))
+                rows.append(run_recipe(args.data, recipe, Path(tmp), precision, args.sets))
                 print(json.dumps(rows[-1]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"data": str(args.data), "results": rows}, indent=2) + "\n")
+    args.out.write_text(json.dumps({"data": str(args.data), "sets": args.sets, "results": rows}, indent=2) + "\n")
     print("| recipe | precision | validation accuracy | macro-F1 | wall time | training |\n|---|---|---|---|---|---|")
     for r in rows:
         name = f"auto -> {r['chosen']}" if r["recipe"] == "auto" else r["recipe"]
