@@ -493,5 +493,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def run() -> None:
+    """The ``finetune`` console script: ``main()``, then an exit that skips the interpreter's teardown.
+
+    Tearing down the module graph of torch, torchvision and timm at exit takes 0.9 s for torch alone and about
+    2 s for what ``fit`` imports, on a 2-core CPU: time a user waits for nothing once the command has written,
+    closed and flushed everything. Library ``atexit`` handlers run first, as in a normal exit; only the
+    module teardown is skipped. An exception out of ``main()`` takes the normal exit path, with its traceback.
+    """
+    import atexit
+
+    code = main()
+    atexit._run_exitfuncs()  # what a normal exit runs first: logging.shutdown, temporary-directory cleanup, ...
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

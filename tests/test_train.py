@@ -1,6 +1,8 @@
 """End to end: `fit` on tiny generated folders with tiny timm models, for every registered recipe."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import safetensors.torch
@@ -114,6 +116,29 @@ def test_cli_fit_and_errors(tiny_folder, tmp_path, capsys):
     assert "lr" in capsys.readouterr().err
     assert main(["fit", str(tiny_folder), "--out", str(tmp_path / "cli")]) == 2  # not empty: nothing lost
     assert "already exists" in capsys.readouterr().err
+
+
+def test_console_script_flushes_everything_and_keeps_the_exit_code(tiny_folder, tmp_path):
+    """`finetune` (cli.run) skips the interpreter's teardown: output through a pipe, the run folder, atexit
+    handlers and the exit status must all survive that."""
+    script = ("import atexit, pathlib, sys\n"
+              "marker = pathlib.Path(sys.argv.pop())\n"
+              "atexit.register(lambda: marker.write_text('ran'))\n"
+              "from finetune.cli import run\n"
+              "run()\n")
+    out = tmp_path / "run"
+    fit = ["fit", str(tiny_folder), "--recipe", "small-similar", "--model", "test_efficientnet", "--no-pretrained",
+           "--out", str(out), "--no-progress", "--workers", "0"]
+    done = subprocess.run([sys.executable, "-c", script, *fit, str(tmp_path / "atexit")], capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.rstrip().splitlines()[-1].startswith("validation accuracy:")
+    assert (tmp_path / "atexit").read_text() == "ran"
+    assert json.loads((out / "summary.json").read_text())["export"]["onnx"]["passed"]
+    assert (out / "report.md").is_file() and (out / "export" / "manifest.json").is_file()
+    failed = subprocess.run([sys.executable, "-c", script, "fit", str(tmp_path / "nowhere"), str(tmp_path / "x")],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert failed.returncode == 2 and "nowhere" in failed.stderr
 
 
 def test_cli_recipes_and_models(capsys):
