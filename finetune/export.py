@@ -21,7 +21,9 @@ half-written or unchecked model behind. A failed check raises `ExportError`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
+import io
 import json
 import logging
 import os
@@ -38,6 +40,7 @@ import numpy as np
 import safetensors.torch
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import __version__, runs
@@ -281,17 +284,104 @@ def _write_onnx(classifier: nn.Module, config: dict[str, Any], staging: Path) ->
     serving = ServingModel.from_config(classifier, config)
     path = staging / ONNX_NAME
     try:
-        exporter = _onnx_dynamo(serving, _example_input(config), path)
-    except Exception as exc:  # noqa: BLE001 - any exporter failure: try the other exporter, parity decides
-        log.warning("the torch.export-based ONNX exporter failed (%s: %s); using the TorchScript-based one",
-                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-        exporter = _onnx_legacy(serving, _example_input(config), path)
+        exporter = _onnx_traced(serving, _example_input(config), path)
+    except Exception as exc:  # noqa: BLE001 - the quick path is an optimisation: the dynamo exporter is the rule
+        log.debug("quick ONNX export not used (%s: %s)", type(exc).__name__, _first_line(exc))
+        try:
+            exporter = _onnx_dynamo(serving, _example_input(config), path)
+        except Exception as exc:  # noqa: BLE001 - any exporter failure: try the other exporter, parity decides
+            log.warning("the torch.export-based ONNX exporter failed (%s: %s); using the TorchScript-based one",
+                        type(exc).__name__, _first_line(exc))
+            exporter = _onnx_legacy(serving, _example_input(config), path)
     model = onnx.load(str(path))
     onnx.helper.set_model_props(model, onnx_metadata(config))
     onnx.checker.check_model(model)
     runs.atomic_write_bytes(path, model.SerializeToString())
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     return [ONNX_NAME], _onnx_runner(path), {"exporter": exporter, "opset": opset}
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else ""
+
+
+class _FixedPadConv(nn.Module):
+    """timm's ``Conv2dSame`` (TensorFlow "same" padding, computed from the input's size at every call) with
+    the padding of one known input size fixed, so that an exported graph holds constants instead of shape
+    arithmetic. Shares the convolution's parameters."""
+
+    def __init__(self, conv: nn.Conv2d, pads: tuple[int, int, int, int]) -> None:
+        super().__init__()
+        self.conv = conv
+        self.pads = pads  # left, right, top, bottom, as F.pad takes them
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv
+        return F.conv2d(F.pad(x, self.pads), c.weight, c.bias, c.stride, 0, c.dilation, c.groups)
+
+
+def fix_same_padding(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """Replace every ``Conv2dSame`` of ``model`` (in place) by a ``_FixedPadConv`` for the input size of
+    ``example``. Only valid for that input size, which is what an export with a fixed image size needs."""
+    from timm.layers import Conv2dSame
+    from timm.layers.padding import get_same_padding
+
+    sizes: dict[str, tuple[int, int]] = {}
+
+    def record(name: str) -> Callable:
+        def hook(_: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            sizes.setdefault(name, tuple(args[0].shape[-2:]))
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(name)) for name, m in model.named_modules()
+             if isinstance(m, Conv2dSame)]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for name, (h, w) in sizes.items():
+        parent, _, attr = name.rpartition(".")
+        conv = model.get_submodule(name)
+        ph = get_same_padding(h, conv.kernel_size[0], conv.stride[0], conv.dilation[0])
+        pw = get_same_padding(w, conv.kernel_size[1], conv.stride[1], conv.dilation[1])
+        fixed = _FixedPadConv(conv, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        setattr(model.get_submodule(parent) if parent else model, attr, fixed)
+    return model
+
+
+def _onnx_traced(serving: nn.Module, example: torch.Tensor, path: Path) -> str:
+    """The quick path: the TorchScript-based exporter (0.5 s for lite0, against 9.5 s for the dynamo exporter)
+    on a copy of the model with fixed TF-"same" padding, then onnxscript's optimizer. Its graph ran within 5%
+    of the dynamo exporter's in onnxruntime (medians of 7 rounds at batch 1 and 16). Raises if the graph
+    still computes shapes at run time (a module ``fix_same_padding`` does not know) or if it differs from
+    the eager model at batch sizes 1 and 3; the caller then uses the dynamo exporter."""
+    import onnx
+    import onnxscript.optimizer
+
+    model = fix_same_padding(copy.deepcopy(serving), example)
+    buffer = io.BytesIO()
+    axes = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
+        torch.onnx.export(model, (example,), buffer, dynamo=False, input_names=[INPUT_NAME],
+                          output_names=list(OUTPUT_NAMES), dynamic_axes=axes, opset_version=ONNX_OPSET)
+    graph = onnxscript.optimizer.optimize(onnx.load_from_string(buffer.getvalue()))
+    computed = sorted({n.op_type for n in graph.graph.node if n.op_type in ("Shape", "Size")})
+    if computed:
+        raise ValueError(f"the traced graph still computes shapes at run time ({', '.join(computed)})")
+    session = onnx_session(graph.SerializeToString())
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 3):
+        batch = torch.randint(0, 256, (n, *example.shape[1:]), generator=g, dtype=torch.uint8)
+        with torch.no_grad():
+            want = serving(batch)[1].numpy()
+        got = session.run([OUTPUT_NAMES[1]], {INPUT_NAME: batch.numpy()})[0]
+        if got.shape != want.shape or not np.allclose(got, want, atol=MAX_PROB_DIFF, rtol=0):
+            raise ValueError(f"the traced graph differs from the eager model at batch size {n}")
+    runs.atomic_write_bytes(path, graph.SerializeToString())
+    return "torch.onnx.export (TorchScript-based, fixed TF padding) + onnxscript optimizer"
 
 
 def _onnx_dynamo(serving: nn.Module, example: torch.Tensor, path: Path) -> str:

@@ -269,3 +269,56 @@ with torch.no_grad():
     report["mobilenetv2_100"] = {fmt: e["parity"]["batch_sizes"] for fmt, e in manifest["formats"].items()}
     with capsys.disabled():
         print("\n" + json.dumps(report, indent=1))
+
+
+def _tf_padded(size: int = 96):
+    """A classifier with TensorFlow "same" padding (timm's Conv2dSame) and its config, random weights."""
+    import timm
+
+    from finetune.model.classifier import Classifier
+
+    classifier = Classifier(timm.create_model("tf_efficientnet_lite0", num_classes=3), 3).eval()
+    data_config = timm.data.resolve_model_data_config(classifier.backbone) | {"input_size": (3, size, size)}
+    return classifier, runs.model_config(classifier, "tf_efficientnet_lite0", ["a", "b", "c"], data_config)
+
+
+def test_fixed_same_padding_computes_what_conv2d_same_computes():
+    from timm.layers import Conv2dSame
+
+    classifier, _ = _tf_padded()
+    same = [m for m in classifier.modules() if isinstance(m, Conv2dSame)]
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        want = classifier(x)
+        fixed = export.fix_same_padding(classifier, x)
+        calls = []  # Conv2dSame.forward (padding computed from the shape) must no longer run
+        hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in same]
+        got = fixed(x)
+    for hook in hooks:
+        hook.remove()
+    assert same and not calls
+    assert sum(isinstance(m, export._FixedPadConv) for m in fixed.modules()) == len(same)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_onnx_export_takes_the_quick_path_and_falls_back_to_dynamo(tmp_path, monkeypatch):
+    import onnx
+
+    classifier, config = _tf_padded()
+    quick = tmp_path / "quick"
+    quick.mkdir()
+    _, run, details = export._write_onnx(classifier, config, quick)
+    assert "fixed TF padding" in details["exporter"]
+    graph = onnx.load(str(quick / export.ONNX_NAME))
+    assert not {n.op_type for n in graph.graph.node} & {"Shape", "Size"}  # no shape arithmetic at run time
+    batch = np.random.default_rng(0).integers(0, 256, (5, 3, 96, 96), dtype=np.uint8)
+    with torch.no_grad():
+        want = export.ServingModel.from_config(classifier, config)(torch.from_numpy(batch))[0].numpy()
+    assert np.allclose(run(batch)[0], want, atol=1e-4)
+    # A graph that still computes its padding from the input's shape is not taken: the dynamo exporter is.
+    monkeypatch.setattr(export, "fix_same_padding", lambda model, example: model)
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    _, run, details = export._write_onnx(classifier, config, slow)
+    assert details["exporter"] == "torch.onnx.export (dynamo)"
+    assert np.allclose(run(batch)[0], want, atol=1e-4)
