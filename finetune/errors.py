@@ -6,6 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message ("" when it has none), for one-line warnings."""
+    text = str(exc)
+    return text.splitlines()[0] if text else ""
+
+
 class FinetuneError(Exception):
     """Base class of every error the toolkit raises on purpose."""
 

@@ -46,7 +46,7 @@ from torch import nn
 from . import __version__, runs
 from .data import build_transforms, load_rgb, parse_data_config
 from .data.transforms import DataConfig, resize_center_crop
-from .errors import FinetuneError, ImageDecodeError, UsageError
+from .errors import FinetuneError, ImageDecodeError, UsageError, first_line
 from .runtime import onnx_session, tune_allocator
 
 log = logging.getLogger("finetune")
@@ -286,12 +286,12 @@ def _write_onnx(classifier: nn.Module, config: dict[str, Any], staging: Path) ->
     try:
         exporter = _onnx_traced(serving, _example_input(config), path)
     except Exception as exc:  # noqa: BLE001 - the quick path is an optimisation: the dynamo exporter is the rule
-        log.debug("quick ONNX export not used (%s: %s)", type(exc).__name__, _first_line(exc))
+        log.debug("quick ONNX export not used (%s: %s)", type(exc).__name__, first_line(exc))
         try:
             exporter = _onnx_dynamo(serving, _example_input(config), path)
         except Exception as exc:  # noqa: BLE001 - any exporter failure: try the other exporter, parity decides
             log.warning("the torch.export-based ONNX exporter failed (%s: %s); using the TorchScript-based one",
-                        type(exc).__name__, _first_line(exc))
+                        type(exc).__name__, first_line(exc))
             exporter = _onnx_legacy(serving, _example_input(config), path)
     model = onnx.load(str(path))
     onnx.helper.set_model_props(model, onnx_metadata(config))
@@ -299,10 +299,6 @@ def _write_onnx(classifier: nn.Module, config: dict[str, Any], staging: Path) ->
     runs.atomic_write_bytes(path, model.SerializeToString())
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     return [ONNX_NAME], _onnx_runner(path), {"exporter": exporter, "opset": opset}
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else ""
 
 
 class _FixedPadConv(nn.Module):
@@ -360,14 +356,8 @@ def _onnx_traced(serving: nn.Module, example: torch.Tensor, path: Path) -> str:
     import onnx
     import onnxscript.optimizer
 
-    model = fix_same_padding(copy.deepcopy(serving), example)
-    buffer = io.BytesIO()
-    axes = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
-        torch.onnx.export(model, (example,), buffer, dynamo=False, input_names=[INPUT_NAME],
-                          output_names=list(OUTPUT_NAMES), dynamic_axes=axes, opset_version=ONNX_OPSET)
-    graph = onnxscript.optimizer.optimize(onnx.load_from_string(buffer.getvalue()))
+    traced = _torchscript_onnx(fix_same_padding(copy.deepcopy(serving), example), example, ONNX_OPSET)
+    graph = onnxscript.optimizer.optimize(onnx.load_from_string(traced))
     computed = sorted({n.op_type for n in graph.graph.node if n.op_type in ("Shape", "Size")})
     if computed:
         raise ValueError(f"the traced graph still computes shapes at run time ({', '.join(computed)})")
@@ -395,12 +385,19 @@ def _onnx_dynamo(serving: nn.Module, example: torch.Tensor, path: Path) -> str:
     return "torch.onnx.export (dynamo)"
 
 
-def _onnx_legacy(serving: nn.Module, example: torch.Tensor, path: Path) -> str:
+def _torchscript_onnx(model: nn.Module, example: torch.Tensor, opset: int) -> bytes:
+    """``model`` traced by torch's TorchScript-based ONNX exporter, with a dynamic batch axis."""
+    buffer = io.BytesIO()
     axes = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(serving, (example,), str(path), dynamo=False, input_names=[INPUT_NAME],
-                          output_names=list(OUTPUT_NAMES), dynamic_axes=axes, opset_version=17)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
+        torch.onnx.export(model, (example,), buffer, dynamo=False, input_names=[INPUT_NAME],
+                          output_names=list(OUTPUT_NAMES), dynamic_axes=axes, opset_version=opset)
+    return buffer.getvalue()
+
+
+def _onnx_legacy(serving: nn.Module, example: torch.Tensor, path: Path) -> str:
+    runs.atomic_write_bytes(path, _torchscript_onnx(serving, example, 17))
     return "torch.onnx.export (TorchScript-based)"
 
 

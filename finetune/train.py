@@ -278,11 +278,8 @@ def _probe(classifier: Classifier, datamodule: ImageFolderDataModule, r: Recipe,
 def _finish_probe_only(module: TransferModule, probe: dict[str, Any], datamodule: ImageFolderDataModule,
                        run_dir: Path) -> dict[str, Any]:
     """A frozen-backbone recipe is done after the probe: metrics come from the cached validation features."""
-    classifier = module.classifier
     val: CachedFeatures = probe["val_features"]
-    with torch.inference_mode():
-        val_logits = classifier.head_logits(val.features)
-    metrics = metrics_from_logits(val_logits, val.labels, classifier.num_classes)
+    val_logits, metrics = _head_scores(module.classifier, val)
     test = _probe_test_metrics(module, datamodule, probe["runner"])  # the backbone has not changed
     runs.save_checkpoint(run_dir / "checkpoints", module.state_dict(), {"phase": "probe", "val": metrics})
     runs.write_final_metrics(run_dir / "metrics.csv", metrics)
@@ -297,22 +294,25 @@ def _probe_test_metrics(module: TransferModule, datamodule: ImageFolderDataModul
     """Test metrics of the probed head on the cached-feature pass ({} without a test split)."""
     if not datamodule.has_test:
         return {}
-    classifier = module.classifier
-    cached = _extract(classifier, datamodule, "test", runner)
+    cached = _extract(module.classifier, datamodule, "test", runner)
     module.skipped_files.update(cached.skipped)
+    return _head_scores(module.classifier, cached)[1]
+
+
+def _head_scores(classifier: Classifier, cached: CachedFeatures) -> tuple[torch.Tensor, dict[str, float]]:
+    """The head's logits on cached features, and their metrics."""
     with torch.inference_mode():
-        return metrics_from_logits(classifier.head_logits(cached.features), cached.labels, classifier.num_classes)
+        logits = classifier.head_logits(cached.features)
+    return logits, metrics_from_logits(logits, cached.labels, classifier.num_classes)
 
 
 def _probe_candidate(module: TransferModule, probe: dict[str, Any]) -> dict[str, Any]:
     """The probed model as it stands before fine-tuning (LP-FT): weights and validation scores, so that it
     competes with the fine-tuned epochs for "best"."""
-    classifier = module.classifier
     val: CachedFeatures = probe["val_features"]
-    with torch.inference_mode():
-        logits = classifier.head_logits(val.features)
+    logits, metrics = _head_scores(module.classifier, val)
     return {"state": {k: v.detach().clone() for k, v in module.state_dict().items()}, "logits": logits,
-            "labels": val.labels, "val": metrics_from_logits(logits, val.labels, classifier.num_classes)}
+            "labels": val.labels, "val": metrics}
 
 
 def _keep_the_better(module: TransferModule, probed: dict[str, Any], probe: dict[str, Any],

@@ -28,6 +28,7 @@ from importlib.util import find_spec
 import torch
 from torch import nn
 
+from ..errors import first_line
 from ..runtime import onnx_session, usable_cpus
 
 log = logging.getLogger("finetune")
@@ -85,7 +86,7 @@ def frozen_forward(module: nn.Module, example: torch.Tensor, *, backend: str = "
             return _onnx_forward(module, example.cpu()), "onnx"
         except Exception as exc:  # noqa: BLE001 - any export or runtime failure: eager PyTorch is always right
             log.warning("onnxruntime could not run %s (%s: %s); running it in eager PyTorch", type(module).__name__,
-                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                        type(exc).__name__, first_line(exc))
     return _torch_forward(module, device, bf16, channels_last), "torch"
 
 
