@@ -18,8 +18,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +25,11 @@ import safetensors.torch
 import timm
 import torch
 
+from .files import atomic_write_bytes, atomic_write_json
 from .model.classifier import Classifier
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-_UMASK = os.umask(0o022)  # read once, at import (os.umask can only be read by setting it)
-os.umask(_UMASK)
 
 
 def new_run_dir(out: str | Path | None, dataset: Path, recipe: str) -> Path:
@@ -53,30 +50,8 @@ def new_run_dir(out: str | Path | None, dataset: Path, recipe: str) -> Path:
     return candidate
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path`` and rename it: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the permissions open() would
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(path: Path, data: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2, default=_json_default) + "\n").encode())
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+    atomic_write_json(path, data)
 
 
 def model_config(classifier: Classifier, architecture: str, labels: list[str], data_config: dict,
