@@ -208,7 +208,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     import json
 
-    from .choice import inspect_dataset
+    from .recipe_choice import inspect_dataset
 
     result = inspect_dataset(args.data, model=args.model, labels=args.labels)
     if args.json:

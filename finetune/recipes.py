@@ -21,6 +21,7 @@ from .errors import RecipeError
 
 OPTIMIZERS = ("adamw", "sgd")
 HEADS = ("linear", "multistage")
+BALANCE = ("auto", "none", "sampler", "loss_weights")
 
 # Below this many training images per class a recipe is "small": fine-tuning millions of pretrained
 # weights on a few hundred images overfits and costs minutes per epoch on a CPU, while a head on frozen
@@ -64,9 +65,15 @@ class Recipe:
     color_jitter: float = 0.1
     # stopping
     early_stopping: int = 0  # patience in epochs on the validation accuracy; 0 = off
+    # class imbalance above finetune.data.balance.IMBALANCE_RATIO: "auto" (sampler in epochs, class-weighted
+    # loss in the probe), "none", "sampler" or "loss_weights" (class-weighted loss everywhere)
+    balance: str = "auto"
     # frozen phases on cached features: the backbone runs once, the head is fitted by L-BFGS (see model/probe.py)
     cached_features: bool = True
-    feature_views: int = 0  # augmented views of each training image added to the cache (each costs one pass)
+    flip_views: bool = True  # the probe also trains on each training image's mirror image (one more pass)
+    feature_views: int = 0  # views with the crop + colour jitter above, added to the probe's training set
+    # evaluation, prediction and the exported model average each image's logits with its mirror image's
+    test_flip: bool = True
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -87,14 +94,50 @@ class Recipe:
         return dataclasses.asdict(self)
 
     def to_toml(self) -> str:
-        lines = []
-        for key, value in self.to_dict().items():
-            lines.append(f"{key} = {_toml_value(value)}")
+        """The fields that act on this recipe's training path (``active_fields``), as a recipe file; the
+        others are named in a last comment line (loading the file gives them their defaults, which act on
+        nothing either)."""
+        values = self.to_dict()
+        active = self.active_fields()
+        lines = [f"{key} = {_toml_value(values[key])}" for key in values if key in active]
+        idle = [key for key in values if key not in active]
+        if idle:
+            lines.append(f"# not used on this training path: {', '.join(idle)}")
         return "\n".join(lines) + "\n"
 
     @property
     def trains_backbone(self) -> bool:
         return self.unfreeze_stages != 0 and self.freeze_epochs < self.epochs
+
+    @property
+    def probes(self) -> bool:
+        """Whether a head is fitted on cached features (the frozen phase of every built-in recipe)."""
+        return self.cached_features and (not self.trains_backbone or self.freeze_epochs > 0)
+
+    @property
+    def trains_epochs(self) -> bool:
+        """Whether Lightning epochs run: to train the backbone, or a head on uncached features."""
+        return self.trains_backbone or not self.cached_features
+
+    def active_fields(self) -> tuple[str, ...]:
+        """The fields whose value changes what this recipe does, given its other values: the probe's fields
+        when a head is fitted on cached features, the optimiser's and the augmentation's when epochs run."""
+        names = ["name", "description", "model", "pretrained", "unfreeze_stages", "head", "balance",
+                 "cached_features", "test_flip"]
+        if self.head == "multistage":
+            names.append("head_stages")
+        if self.probes:
+            names += ["flip_views", "feature_views"]
+        if self.trains_epochs:
+            names += ["epochs", "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs", "min_lr_ratio",
+                      "label_smoothing", "head_dropout", "early_stopping"]
+            names += ["momentum"] if self.optimizer == "sgd" else []
+        if self.trains_backbone:
+            names += ["freeze_epochs", "backbone_lr_scale", "drop_path"]
+            names += ["layer_decay"] if self.unfreeze_stages != 1 else []
+        if self.trains_epochs or (self.probes and self.feature_views):
+            names += ["scale_min", "hflip", "color_jitter"]
+        return tuple(f.name for f in fields(self) if f.name in names)
 
 
 def _validate(r: Recipe) -> None:
@@ -130,7 +173,8 @@ def _validate(r: Recipe) -> None:
     need(0 <= r.hflip <= 1, "hflip", "a probability in [0, 1]")
     need(r.color_jitter >= 0, "color_jitter", "must be >= 0")
     need(r.early_stopping >= 0, "early_stopping", "patience in epochs, 0 = off")
-    need(r.feature_views >= 0, "feature_views", "must be >= 0")
+    need(r.feature_views >= 0, "feature_views", "must be >= 0 (each view costs one pass over the training set)")
+    need(r.balance in BALANCE, "balance", f"one of {BALANCE}")
 
 
 def _parse(key: str, type_name: str, value: Any) -> Any:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
-import math
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,15 @@ import safetensors.torch
 import timm
 import torch
 
+from .data import DatasetSplits
+from .errors import UsageError
 from .files import atomic_write_bytes, atomic_write_json
 from .model.classifier import Classifier
+from .model.domain import DomainGap
+from .phases.outcome import Outcome
+from .plots import plot_probe_sweep
+from .recipes import Recipe
+from .runtime import Precision
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -36,9 +43,9 @@ def new_run_dir(out: str | Path | None, dataset: Path, recipe: str) -> Path:
     """``out`` as given (it may exist only if empty), else ``runs/<dataset>-<recipe>[-N]``."""
     if out is not None:
         out = Path(out)
-        if out.exists() and any(out.iterdir()):
-            raise FileExistsError(f"run folder {out} already exists and is not empty; choose another --out "
-                                  "or remove it")
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise UsageError(f"--out {out}: already exists and is not an empty folder; choose another --out "
+                             "or remove it")
         out.mkdir(parents=True, exist_ok=True)
         return out
     base = Path("runs") / f"{dataset.resolve().name}-{recipe}"
@@ -52,6 +59,10 @@ def new_run_dir(out: str | Path | None, dataset: Path, recipe: str) -> Path:
 
 def write_json(path: Path, data: Any) -> None:
     atomic_write_json(path, data)
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def model_config(classifier: Classifier, architecture: str, labels: list[str], data_config: dict,
@@ -153,47 +164,67 @@ def read_epoch_metrics(metrics_csv: Path) -> list[dict[str, float]]:
     return [dict(epoch=e, **m) for e, m in sorted(epochs.items())]
 
 
-def plot_curves(rows: list[dict[str, float]], path: Path) -> None:
-    import matplotlib
+def build_summary(*, data_dir: Path, run_dir: Path, recipe: Recipe, reason: str, gap: DomainGap | None,
+                  splits: DatasetSplits, precision: Precision, engine: dict[str, str], outcome: Outcome,
+                  calibration: dict[str, Any], exported: dict[str, Any] | None, probe: dict[str, Any] | None,
+                  preflight: dict[str, Any], balance: dict[str, Any], timings: dict[str, float], skipped: list[str],
+                  trainable: dict[str, int]) -> dict[str, Any]:
+    """``summary.json``: what ran, why, and how well, with the headline on held-out data when there is any."""
+    headline = "test" if outcome.test else "val"
+    return {
+        "run_dir": str(run_dir), "data_dir": str(data_dir), "recipe": recipe.name, "recipe_reason": reason,
+        "domain_gap": None if gap is None else {"score": gap.score, "threshold": gap.threshold,
+                                                "domain": gap.domain, "images": gap.images},
+        "model": recipe.model, "num_classes": len(splits.classes), "classes": splits.classes,
+        "train_images": len(splits.train), "val_images": len(splits.val), "test_images": len(splits.test),
+        "split_source": splits.split_source, "images_per_class": len(splits.train) / len(splits.classes),
+        "precision": precision.lightning, "precision_reason": precision.reason, "feature_backend": engine,
+        "training": outcome.training, "selection": outcome.selection, "epochs_run": outcome.epochs_run,
+        "best_epoch": outcome.best_epoch, "kept": outcome.kept,
+        "headline": {"split": headline, **(outcome.test or outcome.val)},
+        "val": outcome.val, "test": outcome.test, "calibration": calibration, "export": exported, "probe": probe,
+        "skipped_files": len(skipped), "skipped": skipped, "preflight": preflight, "balance": balance,
+        "timings": timings, "train_images_per_s": outcome.train_images_per_s, "trainable_parameters": trainable,
+        "versions": versions(),
+    }
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    if not rows:
-        return
-    epochs = [r["epoch"] + 1 for r in rows]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, label in (("train/loss", "train"), ("val/loss", "validation")):
-        ax_loss.plot(epochs, [r.get(key, math.nan) for r in rows], marker="o", label=label)
-    for key, label in (("train/acc", "train"), ("val/acc", "validation")):
-        ax_acc.plot(epochs, [r.get(key, math.nan) for r in rows], marker="o", label=label)
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    ax_acc.set(xlabel="epoch", ylabel="top-1 accuracy", title="accuracy")
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def versions() -> dict[str, str]:
+    import albumentations
+    import pytorch_lightning as pl
+    import torchmetrics
+
+    from . import __version__
+
+    return {"finetune": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "timm": timm.__version__, "pytorch_lightning": pl.__version__,
+            "torchmetrics": torchmetrics.__version__, "albumentations": albumentations.__version__}
 
 
 def write_report(path: Path, summary: dict[str, Any]) -> None:
-    val = summary.get("val", {})
+    """``report.md``: the summary for people."""
+    val, test = summary.get("val", {}), summary.get("test", {})
     lines = [
         f"# Run {summary['run_dir']}",
         "",
         f"- data: `{summary['data_dir']}`: {summary['num_classes']} classes, {summary['train_images']} train / "
-        f"{summary['val_images']} validation images ({summary['split_source']} split)",
+        f"{summary['val_images']} validation / {summary['test_images']} test images ({summary['split_source']} "
+        "split)",
         f"- recipe: **{summary['recipe']}** ({summary['recipe_reason']})",
+        f"- training: {summary['training']}",
+        f"- model selected by: {summary['selection']} (the validation scores are optimistic; the test split "
+        "was used for nothing but the scores below)" if test else f"- model selected by: {summary['selection']}",
         f"- backbone: `{summary['model']}`, precision {summary['precision']}",
         f"- skipped unreadable files: {summary['skipped_files']}",
         f"- time: {summary['timings']['total_s']:.0f} s ({summary['train_images_per_s']:.1f} training images/s)",
         "",
-        "| metric | validation |",
-        "|---|---|",
+        "| metric | validation (used for selection) |" + (" test (held out) |" if test else ""),
+        "|---|---|" + ("---|" if test else ""),
     ]
-    lines += [f"| {k} | {v:.4f} |" for k, v in val.items()]
-    lines += ["", "![curves](curves.png)", ""]
+    lines += [f"| {k} | {v:.4f} |" + (f" {test[k]:.4f} |" if k in test else (" |" if test else ""))
+              for k, v in val.items()]
+    plots = [name for name in ("curves.png", "probe.png") if (Path(summary["run_dir"]) / name).is_file()]
+    lines += ["", *(f"![{name}]({name})" for name in plots), ""]
     atomic_write_bytes(path, "\n".join(lines).encode())
 
 
@@ -212,24 +243,11 @@ def save_checkpoint(folder: Path, state_dict: dict[str, torch.Tensor], extra: di
 
 
 def write_probe_sweep(folder: Path, sweep: list[dict[str, float]]) -> None:
-    """``probe.csv`` (one row per weight decay tried) and its plot as ``curves.png``."""
+    """``probe.csv`` (one row per weight decay tried) and its plot, ``probe.png`` (``curves.png`` is the
+    plot of the epochs, when a run has epochs)."""
     lines = [",".join(sweep[0])] + [",".join(f"{v:g}" for v in row.values()) for row in sweep]
     atomic_write_bytes(folder / "probe.csv", ("\n".join(lines) + "\n").encode())
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    decays = [row["weight_decay"] for row in sweep]
-    ax.semilogx(decays, [row["train_acc"] for row in sweep], marker="o", label="train")
-    ax.semilogx(decays, [row["val_acc"] for row in sweep], marker="o", label="validation")
-    ax.set(xlabel="weight decay", ylabel="top-1 accuracy", title="linear probe on cached features")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(folder / "curves.png", dpi=100)
-    plt.close(fig)
+    plot_probe_sweep(sweep, folder / "probe.png")
 
 
 def write_final_metrics(path: Path, metrics: dict[str, float]) -> None:

@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def print_gaps(folders: dict[str, Path], models: Sequence[str]) -> None:
     """A markdown table: each set's domain gap on each backbone, the decision, and the expected one."""
-    from finetune.choice import inspect_dataset
+    from finetune.recipe_choice import inspect_dataset
 
     print("| data set | " + " | ".join(f"gap, `{m}`" for m in models) + " | decision | expected |")
     print("|---" * (len(models) + 3) + "|")

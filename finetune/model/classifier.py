@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import timm
 import torch
 from timm.models import group_parameters
 from torch import nn
+
+from ..errors import RecipeError
+from ..recipes import Recipe
 
 
 class MultiStageHead(nn.Module):
@@ -36,7 +40,9 @@ class MultiStageHead(nn.Module):
 class Classifier(nn.Module):
     """``backbone`` is a timm model. With ``head="linear"`` its own classifier is the head (plain timm can
     load the weights); with ``head="multistage"`` timm's classifier is removed and a MultiStageHead reads
-    the last ``head_stages`` feature stages plus the final pooled features."""
+    the last ``head_stages`` feature stages plus the final pooled features. With ``test_flip`` the model in
+    eval mode returns the mean of the logits of each image and of its mirror image (the export does too);
+    training batches are never mirrored here (that is the augmentation's job)."""
 
     def __init__(
         self,
@@ -45,6 +51,7 @@ class Classifier(nn.Module):
         head: str = "linear",
         head_stages: int = 3,
         head_dropout: float = 0.0,
+        test_flip: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -52,6 +59,7 @@ class Classifier(nn.Module):
         self.backbone = backbone
         self.head_kind = head
         self.num_classes = num_classes
+        self.test_flip = test_flip
         if head == "linear":
             self.head_stages: list[int] = []
             if backbone.num_classes != num_classes or _needs_reset(backbone):
@@ -62,7 +70,8 @@ class Classifier(nn.Module):
         elif head == "multistage":
             n_levels = len(backbone.feature_info)
             if not 1 <= head_stages <= n_levels:
-                raise ValueError(f"head_stages={head_stages}: {type(backbone).__name__} has {n_levels} feature stages")
+                raise RecipeError(f"head_stages={head_stages}: {type(backbone).__name__} has {n_levels} feature "
+                                  f"stages; use --set head_stages=N with N from 1 to {n_levels}")
             self.head_stages = list(range(n_levels - head_stages, n_levels))
             backbone.reset_classifier(0)
             channels = [backbone.feature_info[i]["num_chs"] for i in self.head_stages] + [backbone.num_features]
@@ -71,6 +80,12 @@ class Classifier(nn.Module):
             raise ValueError(f"head must be 'linear' or 'multistage', got {head!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.test_flip and not self.training:  # one batch of twice the size: the image, then its mirror
+            both = self._logits(torch.cat([x, x.flip(-1)]))
+            return (both[: x.shape[0]] + both[x.shape[0]:]) / 2
+        return self._logits(x)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.multistage is None:
             return self.backbone(x)
         return self.multistage(self._pooled_stages(x))
@@ -214,3 +229,15 @@ def _split_decay(name: str, params: list[nn.Parameter], lr: float, wd: float, st
     if no_decay:
         out.append(GroupSpec(f"{name}.no_decay", no_decay, lr, 0.0, start))
     return out
+
+
+def check_head_stages(recipe: Recipe) -> None:
+    """Refuse a multi-stage head that reads more feature stages than the recipe's backbone has, before any
+    weights are loaded: the architecture is built on the meta device (no memory, no weights)."""
+    if recipe.head != "multistage" or not timm.is_model(recipe.model):
+        return  # an unknown name is reported where the backbone is created, with the offline choices
+    with torch.device("meta"):
+        levels = len(timm.create_model(recipe.model, pretrained=False).feature_info)
+    if recipe.head_stages > levels:
+        raise RecipeError(f"head_stages={recipe.head_stages}: {recipe.model} has {levels} feature stages; "
+                          f"use --set head_stages=N with N from 1 to {levels}")

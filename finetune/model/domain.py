@@ -10,7 +10,7 @@ channels, then over layers.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -85,11 +85,13 @@ def measure_domain_gap(
     device: torch.device | str = "cpu",
     bf16: bool = False,
     backend: str = "torch",
+    on_batch: Callable[[int], None] | None = None,
 ) -> DomainGap:
     """Score ``batches`` of ``(images, labels, skipped)`` against ``model``'s BatchNorm running statistics.
 
     ``model`` must be pretrained and contain BatchNorm layers (most CNNs); raises ValueError otherwise.
-    ``backend="onnx"`` runs the pass in onnxruntime (model/frozen_forward.py).
+    ``backend="onnx"`` runs the pass in onnxruntime (model/frozen_forward.py). ``on_batch(n)`` is called
+    after each batch of n images.
     """
     norms = [m for m in model.modules()
              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
@@ -107,6 +109,8 @@ def measure_domain_gap(
             mean_sum = means if mean_sum is None else mean_sum + means
             square_sum = squares if square_sum is None else square_sum + squares
             seen += images.shape[0]
+            if on_batch is not None:
+                on_batch(images.shape[0])
             if seen >= max_images:
                 break
     finally:

@@ -17,7 +17,8 @@ class StagedFinetuning(pl.Callback):
     Unlike Lightning's ``BackboneFinetuning`` the optimizer is built once with every group it will ever
     need (see ``param_groups``): a frozen parameter simply has no gradient, so AdamW/SGD keep no state for
     it, and the scheduler gives each group its own warm-up from the epoch it starts training. The phase is
-    a function of the epoch and is also saved, so a resumed run continues in the right phase.
+    a function of the epoch; it is also saved in checkpoints (``state_dict``), though no user path resumes a
+    run yet.
     """
 
     def __init__(self, freeze_epochs: int, unfreeze_stages: int) -> None:

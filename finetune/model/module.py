@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -11,22 +11,8 @@ import torch.nn.functional as F
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from ..recipes import Recipe
 from .classifier import Classifier, GroupSpec, param_groups
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    backbone_lr_scale: float = 0.1
-    layer_decay: float = 1.0
-    weight_decay: float = 0.05
-    momentum: float = 0.9
-    warmup_epochs: float = 0.5
-    min_lr_ratio: float = 0.01
-    label_smoothing: float = 0.0
-    freeze_epochs: int = 0
-    unfreeze_stages: int = 0
 
 
 def make_metrics(num_classes: int) -> MetricCollection:
@@ -55,10 +41,20 @@ def warmup_cosine(step: int, start: int, warmup: int, total: int, min_ratio: flo
 
 
 class TransferModule(pl.LightningModule):
-    def __init__(self, classifier: Classifier, optim: OptimConfig, channels_last: bool = False) -> None:
+    """``classifier`` trained as ``recipe`` says: its optimiser, rates, schedule and label smoothing.
+
+    ``probed``: the head was already fitted on cached features (LP-FT), so every group starts training at
+    once instead of after ``recipe.freeze_epochs``. ``class_weights``: one per class, to weigh the loss
+    (``balance = "loss_weights"``)."""
+
+    def __init__(self, classifier: Classifier, recipe: Recipe, *, probed: bool = False,
+                 class_weights: Sequence[float] | None = None, channels_last: bool = False) -> None:
         super().__init__()
         self.classifier = classifier
-        self.optim = optim
+        self.recipe = recipe
+        self.start_epoch = 0 if probed else recipe.freeze_epochs
+        self.register_buffer("class_weights", None if class_weights is None else torch.tensor(class_weights),
+                             persistent=False)
         self.channels_last = channels_last
         self.train_metrics = make_metrics(classifier.num_classes).clone(prefix="train/")
         self.val_metrics = make_metrics(classifier.num_classes).clone(prefix="val/")
@@ -81,7 +77,8 @@ class TransferModule(pl.LightningModule):
         logits = self(images)
         if self.collect_outputs and stage != "train":
             self.outputs.append((logits.detach().float().cpu(), labels.cpu()))
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.optim.label_smoothing)
+        weight = self.class_weights.float() if self.class_weights is not None and stage == "train" else None
+        loss = F.cross_entropy(logits.float(), labels, weight=weight, label_smoothing=self.recipe.label_smoothing)
         metrics.update(logits.float(), labels)
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, batch_size=len(labels))
@@ -98,10 +95,10 @@ class TransferModule(pl.LightningModule):
         return self._step(batch, self.test_metrics, "test")
 
     def configure_optimizers(self):
-        o = self.optim
+        o = self.recipe
         self.group_specs = param_groups(
             self.classifier, lr=o.lr, backbone_lr_scale=o.backbone_lr_scale, layer_decay=o.layer_decay,
-            weight_decay=o.weight_decay, unfreeze_stages=o.unfreeze_stages, freeze_epochs=o.freeze_epochs,
+            weight_decay=o.weight_decay, unfreeze_stages=o.unfreeze_stages, freeze_epochs=self.start_epoch,
         )
         groups = [{"params": g.params, "lr": g.lr, "weight_decay": g.weight_decay, "name": g.name}
                   for g in self.group_specs]

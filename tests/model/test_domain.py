@@ -8,7 +8,7 @@ import timm
 import torch
 from torch import nn
 
-from finetune.choice import inspect_dataset
+from finetune.recipe_choice import inspect_dataset
 from finetune.model.domain import DOMAIN_GAP_THRESHOLD, measure_domain_gap
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
@@ -70,7 +70,7 @@ def test_real_data_sets_land_on_the_right_side_of_the_threshold(name, reference)
 
 
 def test_a_backbone_without_batchnorm_is_not_measured(tiny_folder, monkeypatch):
-    from finetune import choice
+    from finetune import recipe_choice as choice
 
     def vit(name, **kwargs):  # a tiny backbone without BatchNorm, random weights (no hub download)
         return timm.create_model("test_vit", num_classes=kwargs["num_classes"])

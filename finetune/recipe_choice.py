@@ -24,13 +24,12 @@ from .data import (
     build_transforms,
     collate_skipping,
     default_num_workers,
-    scan_image_folder,
 )
-from .data.labels import read_labels_csv
-from .errors import UsageError
+from .data.splits import load_splits
 from .model.backbones import create_backbone
 from .model.domain import DomainGap, measure_domain_gap
 from .model.frozen_forward import choose_backend, loader_workers
+from .progress import Phases
 from .recipes import Recipe
 from .runtime import Precision, choose_precision
 
@@ -41,18 +40,9 @@ DOMAINS = ("auto", "similar", "different")
 DOMAIN_SAMPLE_IMAGES = 128
 
 
-def load_splits(data_dir: Path, *, labels: str | Path | None = None, split_file: str | Path | None = None,
-                val_fraction: float = 0.2, seed: int = 0) -> DatasetSplits:
-    """The train/val(/test) file lists: from a labels CSV, a saved split, or the folder layout."""
-    if labels is not None and split_file is not None:
-        raise UsageError("--labels and --split both define the split: give one of them")
-    if labels is not None:
-        return read_labels_csv(labels, data_dir, val_fraction=val_fraction, seed=seed)
-    return scan_image_folder(data_dir, val_fraction=val_fraction, seed=seed, split_file=split_file)
-
-
 def measure_domain(backbone: torch.nn.Module, splits: DatasetSplits, data_config: dict, precision: Precision,
-                   *, num_workers: int | None = None, seed: int = 0, backend: str = "auto") -> DomainGap | None:
+                   *, num_workers: int | None = None, seed: int = 0, backend: str = "auto",
+                   phases: Phases | None = None) -> DomainGap | None:
     """Domain gap on a seeded random sample of training images, eval transform; None for a backbone without
     BatchNorm statistics (most vision transformers), where there is nothing to compare against."""
     if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in backbone.modules()):
@@ -63,8 +53,9 @@ def measure_domain(backbone: torch.nn.Module, splits: DatasetSplits, data_config
     engine = choose_backend(backend, device).name
     workers = loader_workers(engine, default_num_workers() if num_workers is None else num_workers)
     loader = DataLoader(dataset, batch_size=64, num_workers=workers, collate_fn=collate_skipping)
-    return measure_domain_gap(backbone, loader, max_images=DOMAIN_SAMPLE_IMAGES, device=device,
-                              bf16=precision.lightning == "bf16-mixed", backend=engine)
+    with (phases or Phases(enabled=False)).run(f"domain gap on {len(sample)} training images", len(sample)) as step:
+        return measure_domain_gap(backbone, loader, max_images=DOMAIN_SAMPLE_IMAGES, device=device,
+                                  bf16=precision.lightning == "bf16-mixed", backend=engine, on_batch=step)
 
 
 def domain_sentence(gap: DomainGap | None, model: str, pretrained: bool) -> tuple[str, str]:

@@ -1,0 +1,24 @@
+"""What a training phase leaves behind: the kept model's scores and how it was chosen."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Outcome:
+    training: str  # what ran, in one line
+    selection: str  # how the kept model was chosen, in one line (always on validation data)
+    val: dict[str, float]  # validation metrics of the kept model
+    test: dict[str, float]  # its held-out test metrics ({} without a test split)
+    val_logits: torch.Tensor  # for the calibration temperature
+    val_labels: torch.Tensor
+    epochs_run: int = 0
+    best_epoch: int | None = None
+    kept: str = "trained"  # "probe" when the probed head beat every fine-tuned epoch (LP-FT)
+    timings: dict[str, float] = field(default_factory=dict)
+    train_images_per_s: float = math.nan
+    skipped: set[str] = field(default_factory=set)  # files that could not be decoded

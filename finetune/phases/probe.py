@@ -1,0 +1,179 @@
+"""The probe phase: the frozen backbone runs once over the images (and the recipe's views of them), and the
+head is fitted on the cached features by L-BFGS (model/probe.py). ``small-*`` recipes end here; ``large-*``
+recipes start fine-tuning from the probed head, which then competes with the fine-tuned epochs (LP-FT)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import runs
+from ..data import ImageFolderDataModule
+from ..model.classifier import Classifier
+from ..model.frozen_forward import FrozenPass, loader_workers
+from ..model.module import TransferModule, metrics_from_logits
+from ..model.probe import CachedFeatures, ProbeResult, extract_features, feature_pass, fit_linear_probe
+from ..progress import Phases
+from ..recipes import Recipe
+from ..runtime import Precision
+from .outcome import Outcome
+
+log = logging.getLogger("finetune")
+
+Step = Callable[[int], None]
+
+
+@dataclass
+class Probe:
+    """The head fitted on cached features, the validation features it was scored on, and what it took."""
+
+    result: ProbeResult
+    views: tuple[str, ...]  # what the training set holds, per image
+    feature_dim: int
+    features_s: float
+    backend: str  # what computed the features: "onnx" or "torch"
+    val: CachedFeatures  # as the model sees them in eval mode (averaged with the mirror image's: test_flip)
+    runner: FrozenPass
+    test_flip: bool
+    class_weighted: bool
+    skipped: set[str]
+
+    @property
+    def selection(self) -> str:
+        metric = "balanced accuracy" if self.result.selected_on == "val_balanced_acc" else "accuracy"
+        return f"probe weight decay {self.result.weight_decay:g} chosen on validation {metric}"
+
+    def to_summary(self) -> dict:
+        return {"weight_decay": self.result.weight_decay, "selected_on": self.result.selected_on,
+                "sweep": self.result.sweep, "views": list(self.views), "test_flip": self.test_flip,
+                "class_weighted_loss": self.class_weighted, "feature_dim": self.feature_dim,
+                "features_s": self.features_s, "features_backend": self.backend, "fit_s": self.result.seconds}
+
+
+def train_views(recipe: Recipe) -> list[tuple[str, bool, bool]]:
+    """(name, augmented, mirrored) of each pass over the training images that the probe is fitted on."""
+    views = [("images", False, False)]
+    if recipe.flip_views:
+        views.append(("mirror images", False, True))
+    views += [(f"augmented view {i + 1}", True, False) for i in range(recipe.feature_views)]
+    return views
+
+
+def run_probe(classifier: Classifier, datamodule: ImageFolderDataModule, recipe: Recipe, *, precision: Precision,
+              engine: str, device: str, run_dir: Path, phases: Phases,
+              class_weights: Sequence[float] | None = None) -> Probe:
+    """Compute the features once (one trace for every pass), fit the head, install it in ``classifier``."""
+    classifier.set_trainable(0)
+    runner = feature_pass(classifier, device=device, bf16=precision.lightning == "bf16-mixed",
+                          channels_last=precision.channels_last, backend=engine)
+    views = train_views(recipe)
+    n_train, n_val = len(datamodule.splits.train), len(datamodule.splits.val)
+    eval_passes = 2 if classifier.test_flip else 1
+    total = n_train * len(views) + n_val * eval_passes
+    with phases.run(f"probe features: {n_train} training images x {len(views)} view(s), {n_val} validation "
+                    f"x {eval_passes}", total) as step:
+        passes = [_extract(classifier, datamodule, "train", runner, step, augment=a, mirror=m) for _, a, m in views]
+        val = eval_features(classifier, datamodule, "val", runner, step)
+    train = CachedFeatures(torch.cat([p.features for p in passes]), torch.cat([p.labels for p in passes]),
+                           sorted({f for p in passes for f in p.skipped}), sum(p.seconds for p in passes))
+    result = fit_linear_probe(train, val, classifier.num_classes, class_weights=class_weights)
+    classifier.set_linear_head(result.weight, result.bias, result.mean, result.std)
+    runs.write_probe_sweep(run_dir, result.sweep)
+    probe = Probe(result, tuple(name for name, _, _ in views), int(train.features.shape[1]),
+                  train.seconds + val.seconds, val.backend, val, runner, classifier.test_flip,
+                  class_weights is not None, set(train.skipped) | set(val.skipped))
+    log.info("probe: head fitted on %d cached feature vectors in %.1f s (%s)", len(train.labels),
+             probe.features_s + result.seconds, probe.selection)
+    return probe
+
+
+def eval_features(classifier: Classifier, datamodule: ImageFolderDataModule, split: str, runner: FrozenPass,
+                  step: Step | None = None) -> CachedFeatures:
+    """The features of ``split`` as the classifier sees them in eval mode: with ``test_flip`` the mean of each
+    image's and its mirror image's (the head is linear, so this is the mean of their logits)."""
+    plain = _extract(classifier, datamodule, split, runner, step)
+    if not classifier.test_flip:
+        return plain
+    mirrored = _extract(classifier, datamodule, split, runner, step, mirror=True)
+    return CachedFeatures((plain.features + mirrored.features) / 2, plain.labels,
+                          sorted(set(plain.skipped) | set(mirrored.skipped)), plain.seconds + mirrored.seconds,
+                          plain.backend)
+
+
+def _extract(classifier: Classifier, datamodule: ImageFolderDataModule, split: str, runner: FrozenPass,
+             step: Step | None = None, *, augment: bool = False, mirror: bool = False) -> CachedFeatures:
+    workers = loader_workers(runner.requested, datamodule.num_workers)
+    return extract_features(classifier, datamodule.feature_loader(split, augment, num_workers=workers),
+                            runner=runner, mirror=mirror, on_batch=step)
+
+
+def head_scores(classifier: Classifier, cached: CachedFeatures) -> tuple[torch.Tensor, dict[str, float]]:
+    """The head's logits on cached features, and their metrics."""
+    with torch.inference_mode():
+        logits = classifier.head_logits(cached.features)
+    return logits, metrics_from_logits(logits, cached.labels, classifier.num_classes)
+
+
+def test_scores(classifier: Classifier, datamodule: ImageFolderDataModule, probe: Probe,
+                phases: Phases) -> tuple[dict[str, float], set[str]]:
+    """Held-out test metrics of the probed head ({} without a test split), on the probe's own pass: the
+    backbone has not changed since. Also the test files that could not be decoded."""
+    if not datamodule.has_test:
+        return {}, set()
+    n = len(datamodule.splits.test)
+    with phases.run(f"test: {n} held-out images", n * (2 if classifier.test_flip else 1)) as step:
+        cached = eval_features(classifier, datamodule, "test", probe.runner, step)
+    return head_scores(classifier, cached)[1], set(cached.skipped)
+
+
+def finish_probe_only(module: TransferModule, probe: Probe, datamodule: ImageFolderDataModule, run_dir: Path,
+                      phases: Phases) -> Outcome:
+    """A frozen-backbone recipe is done after the probe: its scores come from the cached features."""
+    val_logits, val = head_scores(module.classifier, probe.val)
+    test, skipped = test_scores(module.classifier, datamodule, probe, phases)
+    runs.save_checkpoint(run_dir / "checkpoints", module.state_dict(), {"phase": "probe", "val": val})
+    runs.write_final_metrics(run_dir / "metrics.csv", val)
+    seconds = probe.features_s + probe.result.seconds
+    return Outcome(training=f"probe: linear head by L-BFGS on cached features of the {', '.join(probe.views)}",
+                   selection=probe.selection, val=val, test=test, val_logits=val_logits, val_labels=probe.val.labels,
+                   timings={"train_s": seconds}, train_images_per_s=len(datamodule.splits.train) / seconds,
+                   skipped=probe.skipped | skipped)
+
+
+@dataclass
+class ProbedModel:
+    """The probed model as it stands before fine-tuning (LP-FT), so that it competes for "best"."""
+
+    state: dict[str, torch.Tensor]
+    logits: torch.Tensor
+    val: dict[str, float]
+
+
+def probed_model(module: TransferModule, probe: Probe) -> ProbedModel:
+    logits, val = head_scores(module.classifier, probe.val)
+    return ProbedModel({k: v.detach().clone() for k, v in module.state_dict().items()}, logits, val)
+
+
+def keep_the_better(module: TransferModule, probed: ProbedModel, probe: Probe, outcome: Outcome,
+                    datamodule: ImageFolderDataModule, run_dir: Path, phases: Phases) -> Outcome:
+    """Fine-tuning keeps its best epoch on validation accuracy; when the probed head alone scored higher than
+    every epoch, the probed model is the best one and is what the run keeps (``best.ckpt``, the export)."""
+    if probed.val["acc"] <= outcome.val["acc"]:
+        return outcome
+    log.info("the probed head (val acc %.4f) beat every fine-tuned epoch (best %.4f): keeping the probed model",
+             probed.val["acc"], outcome.val["acc"])
+    module.load_state_dict(probed.state)
+    test, skipped = test_scores(module.classifier, datamodule, probe, phases)
+    runs.save_checkpoint(run_dir / "checkpoints", module.state_dict(),
+                         {"phase": "probe", "val": probed.val, "fine_tuned_best_val": outcome.val},
+                         names=("best.ckpt",))
+    beaten = f"the probed head (val acc {probed.val['acc']:.4f}) beat every fine-tuned epoch " \
+             f"(best {outcome.val['acc']:.4f}) and was kept"
+    return Outcome(training=f"{outcome.training}; {beaten}", selection=f"{probe.selection}; {beaten}",
+                   val=probed.val, test=test, val_logits=probed.logits, val_labels=probe.val.labels,
+                   epochs_run=outcome.epochs_run, best_epoch=None, kept="probe", timings=outcome.timings,
+                   train_images_per_s=outcome.train_images_per_s, skipped=outcome.skipped | skipped)
