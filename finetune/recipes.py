@@ -244,11 +244,6 @@ def get(name_or_path: str | Path) -> Recipe:
     return load(path)
 
 
-def source_text(name: str) -> str:
-    """The built-in recipe file as written, comments included."""
-    get(name)  # validates the name
-    return (_builtin_dir() / f"{name}.toml").read_text(encoding="utf-8")
-
 
 def choose(images_per_class: float, domain: str = "similar", domain_reason: str | None = None) -> tuple[str, str]:
     """Pick one of the four cases by data size and domain; returns (recipe name, one-line reason).

@@ -74,7 +74,8 @@ def model_config(classifier: Classifier, architecture: str, labels: list[str], d
     pretrained_cfg["std"] = list(pretrained_cfg["std"])
     pretrained_cfg["num_classes"] = classifier.num_classes
     pretrained_cfg["classifier"] = getattr(classifier.backbone, "pretrained_cfg", {}).get("classifier", "classifier")
-    finetune: dict[str, Any] = {"head": classifier.head_kind}
+    # test_flip: the model averages each image's logits with its mirror image's; plain timm does not
+    finetune: dict[str, Any] = {"head": classifier.head_kind, "test_flip": classifier.test_flip}
     if classifier.multistage is not None:
         finetune["head_stages"] = classifier.head_stages
         finetune["head_in_features"] = classifier.multistage.in_features
@@ -119,6 +120,7 @@ def load_model(folder: str | Path) -> tuple[Classifier, dict[str, Any]]:
                                 head_stages=len(extra["head_stages"]))
     else:
         classifier = Classifier(backbone, config["num_classes"])
+    classifier.test_flip = bool(extra.get("test_flip", False))  # folders written before it: no averaging
     state = safetensors.torch.load_file(str(folder / WEIGHTS_NAME))
     head = {k.removeprefix("finetune_head."): v for k, v in state.items() if k.startswith("finetune_head.")}
     body = {k: v for k, v in state.items() if not k.startswith("finetune_head.")}

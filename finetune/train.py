@@ -146,7 +146,7 @@ def fit(
     saved = time.perf_counter()
     calibration = fit_temperature(outcome.val_logits, outcome.val_labels)
     config = runs.model_config(classifier, r.model, checked.splits.classes, choice.data_config,
-                               extra={"recipe": r.name, "version": __version__, "test_flip": r.test_flip,
+                               extra={"recipe": r.name, "version": __version__,
                                       "temperature": calibration.temperature})
     runs.save_model(run_dir, classifier, config)
     timings["calibrate_and_save_s"] = time.perf_counter() - saved
@@ -191,7 +191,7 @@ def _choose(recipe: str | Path | Recipe, domain: str, merged: dict[str, Any], sp
 def _build(choice: Choice, splits: DatasetSplits, balance: BalancePlan, prec: Precision, weights: str | Path | None,
            num_workers: int | None, seed: int) -> tuple[Classifier, ImageFolderDataModule]:
     r, backbone = choice.recipe, choice.backbone
-    if r.drop_path:  # stochastic depth is set when timm builds the blocks
+    if r.drop_path and r.trains_backbone:  # stochastic depth is set when timm builds the blocks
         backbone = create_backbone(r.model, pretrained=r.pretrained, num_classes=len(splits.classes),
                                    weights=weights, drop_path_rate=r.drop_path)
     classifier = Classifier(backbone, len(splits.classes), head=r.head, head_stages=r.head_stages,

@@ -90,11 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("data/fm-eval"))
     parser.add_argument("--out", type=Path, default=Path("bench/probe-views.json"))
-    parser.add_argument("--recipes", nargs="*", default=["small-similar", "small-different"])
+    parser.add_argument("--recipes", nargs="*", default=["small-similar", "small-different"],
+                        help="measured one after the other; rows of other recipes already in --out are kept")
     args = parser.parse_args(argv)
-    results = [measure(args.data, name) for name in args.recipes]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"data": str(args.data), "cpu": _cpu(), "results": results}, indent=2) + "\n")
+    old = json.loads(args.out.read_text())["results"] if args.out.is_file() else []
+    results = [row for row in old if row["recipe"] not in args.recipes]  # other recipes' rows are kept
+    for name in args.recipes:
+        results.append(measure(args.data, name) | {"cpu": _cpu()})
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"data": str(args.data), "results": results}, indent=2) + "\n")
     return 0
 
 

@@ -23,14 +23,6 @@ def test_builtin_recipe_loads_and_matches_its_case(name):
         assert r.unfreeze_stages == -1 and r.layer_decay < 1
 
 
-@pytest.mark.parametrize("name", recipes.names())
-def test_toml_round_trip(name, tmp_path):
-    r = recipes.get(name)
-    path = tmp_path / "r.toml"
-    path.write_text(r.to_toml())
-    assert recipes.load(path) == r
-
-
 def test_override_parses_strings_to_field_types():
     r = recipes.get("small-similar").override({"lr": "3e-4", "epochs": "12", "pretrained": "false"})
     assert r.lr == 3e-4 and r.epochs == 12 and r.pretrained is False
@@ -85,5 +77,21 @@ def test_choose_by_images_per_class_and_domain(per_class, domain, expected):
     assert str(recipes.SMALL_DATA_IMAGES_PER_CLASS) in reason and domain in reason
 
 
-def test_source_text_keeps_comments():
-    assert "#" in recipes.source_text("small-similar")
+@pytest.mark.parametrize("name", recipes.names())
+def test_every_recipe_augments_its_training_data(name):
+    r = recipes.get(name)
+    if r.probes:  # views of the images in the cached features
+        assert r.flip_views or r.feature_views
+    if r.trains_epochs:  # augmentation of every batch
+        assert r.hflip > 0 and r.scale_min < 1
+
+
+def test_active_fields_follow_the_training_path():
+    similar = recipes.get("small-similar")
+    assert "lr" not in similar.active_fields() and "flip_views" in similar.active_fields()
+    uncached = similar.override({"cached_features": "false"})
+    assert {"lr", "epochs", "hflip"} <= set(uncached.active_fields()) and "flip_views" not in uncached.active_fields()
+    assert "scale_min" in similar.override({"feature_views": "1"}).active_fields()
+    large = recipes.get("large-different")
+    assert {"flip_views", "lr", "layer_decay", "freeze_epochs"} <= set(large.active_fields())
+    assert "momentum" not in large.active_fields() and "momentum" in large.override({"optimizer": "sgd"}).active_fields()
