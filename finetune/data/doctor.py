@@ -31,8 +31,9 @@ import numpy as np
 from ..errors import DatasetError
 from .balance import IMBALANCE_RATIO, BalancePlan, imbalance_ratio, plan_balance
 from .filecheck import MAX_ASPECT_RATIO, MIN_SIDE, CheckCache, FileCheck, check_files
-from .folders import QUARANTINE_DIR, DatasetSplits, _find_layout, scan_image_folder
+from .folders import DatasetSplits, _find_layout, scan_image_folder
 from .images import IMAGE_EXTENSIONS, MAX_PIXELS
+from .paths import QUARANTINE_DIR
 
 logger = logging.getLogger("finetune.data")
 
