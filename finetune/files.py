@@ -8,7 +8,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 _UMASK = os.umask(0o022)  # read once, at import (os.umask can only be read by setting it)
 os.umask(_UMASK)
@@ -52,8 +52,17 @@ def _json_default(value: Any) -> Any:
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks: the checksum that others can verify."""
+    return hash_file(path, hashlib.sha256(), chunk)
+
+
+class Digest(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+    def hexdigest(self) -> str: ...
+
+
+def hash_file(path: Path, digest: Digest, chunk: int = 1 << 20) -> str:
+    """Feed a file's bytes to ``digest`` (any ``hashlib`` object) in chunks; its hex digest. Raises OSError."""
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
             digest.update(block)

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from . import export, runs
-from .data import is_image_file, load_rgb, parse_data_config
+from .data import load_rgb, parse_data_config
+from .data.paths import is_ignored, walk_images
 from .errors import ImageDecodeError, UsageError
 from .runtime import onnx_session, tune_allocator, usable_cpus
 
@@ -202,8 +203,8 @@ def _rgb_array(value: Any, index: int) -> np.ndarray:
 
 def find_images(paths: Iterable[str | os.PathLike[str]]) -> list[tuple[str, Path | str]]:
     """Expand paths in order: a file as given (whatever its extension), a folder recursively (image
-    extensions only, hidden files skipped, sorted), anything else as a glob. A path that matches nothing
-    yields ``(path, error message)`` instead of a file."""
+    extensions only, hidden files and `_quarantine` skipped, sorted), anything else as a glob. A path that
+    matches nothing yields ``(path, error message)`` instead of a file."""
     found: list[tuple[str, Path | str]] = []
     for raw in paths:
         path = Path(raw).expanduser()
@@ -222,11 +223,7 @@ def find_images(paths: Iterable[str | os.PathLike[str]]) -> list[tuple[str, Path
 
 
 def _folder_images(folder: Path) -> list[Path]:
-    images = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        images += [Path(dirpath, n) for n in filenames if not n.startswith(".") and is_image_file(n)]
-    return sorted(images)
+    return list(walk_images(folder))  # sorted; hidden files and _quarantine passed over, as fit does
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -379,7 +376,7 @@ def labelled_images(folder: Path, labels: Sequence[str]) -> list[tuple[Path, str
     """``(file, class name)`` for ``folder/<class>/**/<image>``; every class folder must be a model label."""
     if not folder.is_dir():
         raise UsageError(f"{folder} is not a folder; evaluate needs a labelled folder DIR/<class>/<images>")
-    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not is_ignored(d))
     unknown = [c for c in classes if c not in labels]
     if unknown:
         hint = ""

@@ -19,7 +19,7 @@ from finetune.cli import main
 from finetune.data import build_transforms, load_rgb
 from finetune.errors import UsageError
 from finetune.export import export_run
-from finetune.predict import Predictor, evaluate, find_images, load
+from finetune.predict import Predictor, evaluate, find_images, labelled_images, load
 from finetune.train import fit
 
 
@@ -124,6 +124,15 @@ def test_find_images_reports_what_matches_nothing(tmp_path):
     found = find_images([tmp_path, tmp_path / "notes.md", tmp_path / "missing*.jpg"])
     assert [(Path(s).name, not isinstance(v, str)) for s, v in found] == [
         ("a.png", True), ("notes.md", True), ("missing*.jpg", False)]  # a file named explicitly is tried
+
+
+def test_folders_are_walked_as_fit_walks_them(tmp_path):
+    """Hidden files and quarantined files (`finetune doctor --quarantine`) are passed over, as in fit."""
+    for name in ("cat/a.png", "cat/.b.png", "_quarantine/corrupt/cat/c.png", "cat/_quarantine/d.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    assert [Path(s).relative_to(tmp_path).as_posix() for s, _ in find_images([tmp_path])] == ["cat/a.png"]
+    assert labelled_images(tmp_path, ["cat", "dog"]) == [(tmp_path / "cat" / "a.png", "cat")]
 
 
 def test_tta_averages_the_image_and_its_mirror(run, val_dir):

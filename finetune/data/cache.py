@@ -41,6 +41,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ImageDecodeError
+from ..files import atomic_write_text
 from .filecheck import cache_dir
 from .images import load_rgb
 from .transforms import eval_resize_size, parse_data_config, shrink_short_side
@@ -297,10 +298,8 @@ class DecodedImageCache:
         return added, failed, 0
 
     def _write_index(self, index: dict[str, Any]) -> None:
-        tmp = self.directory / f"{_INDEX}.{os.getpid()}.tmp"
         # ensure_ascii: file names that are not valid UTF-8 survive as \\udcXX escapes
-        tmp.write_text(json.dumps(index), encoding="ascii")
-        os.replace(tmp, self.directory / _INDEX)
+        atomic_write_text(self.directory / _INDEX, json.dumps(index))
         self._index, self._data = index, None
 
 

@@ -6,7 +6,8 @@ Two layouts are accepted::
     ROOT/train/<class>/...  ROOT/val/<class>/... (or valid/, validation/), optional ROOT/test/<class>/...
 
 Classes are the train class folders sorted by name; label i is `classes[i]`. Names starting with '.' are
-ignored everywhere, and so is `_quarantine` (where `finetune doctor --quarantine` puts bad files). A split
+ignored everywhere, and so are `_quarantine` folders (where `finetune doctor --quarantine` puts bad files):
+see `paths.walk_files`. A split
 can be saved (paths relative to ROOT) and reused with `split_file=` so that a rerun trains and validates on
 exactly the same images.
 """
@@ -24,7 +25,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from ..errors import DatasetError
+from ..files import atomic_write_text
 from .images import IMAGE_EXTENSIONS
+from .paths import is_ignored, walk_files
 
 logger = logging.getLogger("finetune.data")
 
@@ -34,7 +37,6 @@ VAL_DIR_NAMES = ("val", "valid", "validation")
 TEST_DIR_NAMES = ("test",)
 SPLIT_FILE_FORMAT = "finetune.splits"
 SPLIT_FILE_VERSION = 1
-QUARANTINE_DIR = "_quarantine"
 _LAYOUT_HINT = "expected ROOT/<class>/<images> or ROOT/train/<class>/... with ROOT/val/<class>/..."
 _SUPPORTED = ", ".join(sorted(IMAGE_EXTENSIONS))
 
@@ -84,10 +86,7 @@ class DatasetSplits:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the split as JSON (atomically) and return the path."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json() + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, self.to_json() + "\n")
         return path
 
     @classmethod
@@ -244,22 +243,18 @@ def _images_under(class_dir: Path) -> tuple[list[Path], Counter[str]]:
     """Image files anywhere below a class folder (sorted), and a count of other file extensions."""
     images: list[Path] = []
     others: Counter[str] = Counter()
-    for dirpath, dirnames, filenames in os.walk(class_dir):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if name.startswith("."):
-                continue
-            suffix = os.path.splitext(name)[1].lower()
-            if suffix in IMAGE_EXTENSIONS:
-                images.append(Path(dirpath, name))
-            else:
-                others[suffix] += 1
-    return sorted(images), others
+    for path in walk_files(class_dir):
+        suffix = os.path.splitext(path.name)[1].lower()
+        if suffix in IMAGE_EXTENSIONS:
+            images.append(path)
+        else:
+            others[suffix] += 1
+    return images, others
 
 
 def _visible(folder: Path) -> list[Path]:
     try:
-        return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.name != QUARANTINE_DIR)
+        return sorted(p for p in folder.iterdir() if not is_ignored(p))
     except OSError as exc:
         raise DatasetError(
             f"cannot list folder {folder} ({exc.strerror or exc}); check its permissions"
