@@ -257,6 +257,8 @@ def load(path: str | os.PathLike[str], backend: str = "auto", threads: int | Non
         return _onnx_predictor(path, threads)
     if not path.is_dir():
         raise UsageError(f"model {path} not found: give a run folder, an export folder or a .onnx file")
+    if (path / runs.CONFIG_NAME).is_file():
+        _read_config(path)  # the folder's format version, checked before any model file is read
     onnx_file = next((p for p in (path / export.ONNX_NAME, path / export.EXPORT_DIR / export.ONNX_NAME)
                       if p.is_file()), None)
     if backend in ("auto", "onnx") and onnx_file is not None:
@@ -268,7 +270,8 @@ def load(path: str | os.PathLike[str], backend: str = "auto", threads: int | Non
 
 def _onnx_predictor(path: Path, threads: int | None) -> Predictor:
     runner = OnnxRunner(path, threads)
-    config = runner.config() or _read_config(path.parent)
+    embedded = runner.config()
+    config = runs.check_format(embedded, path) if embedded else _read_config(path.parent)
     return Predictor(runner, config, path)
 
 
@@ -290,7 +293,7 @@ def _torch_predictor(folder: Path, threads: int | None) -> Predictor:
 def _read_config(folder: Path) -> dict[str, Any]:
     path = folder / runs.CONFIG_NAME
     try:
-        return json.loads(path.read_text())
+        return runs.check_format(json.loads(path.read_text()), path)
     except FileNotFoundError:
         raise UsageError(f"{path} not found: a model needs its config.json (labels, input size)") from None
 
