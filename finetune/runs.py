@@ -137,8 +137,9 @@ def check_format(config: dict[str, Any], source: str | Path) -> dict[str, Any]:
     extra = config.setdefault("finetune", {})
     version = extra.setdefault("format", FORMAT_VERSION)
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise FormatVersionError(f"{source} has format version {version!r}, which no finetune writes: the file is "
-                                 "damaged; export the run again or restore config.json")
+        raise FormatVersionError(f"{source} has format version {version!r}, which no finetune writes: the file "
+                                 f"is damaged; restore it, or set finetune.format to {FORMAT_VERSION} if the rest "
+                                 "is intact")
     if version > FORMAT_VERSION:
         raise FormatVersionError(f"{source} has format version {version}; this finetune ({__version__}) reads "
                                  f"versions up to {FORMAT_VERSION}: upgrade finetune to read it")
