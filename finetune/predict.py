@@ -1,24 +1,23 @@
-"""Predict with a run or an export: images in, labels with calibrated scores out; and evaluate a labelled folder.
+"""Predict with a run or an export: images in, labels with calibrated scores out.
 
 ``load(path)`` accepts a run folder, an export folder or a ``model.onnx`` file. It runs the ONNX export with
 onnxruntime when there is one (a run folder's ``export/model.onnx`` counts) and the safetensors weights with
-torch otherwise. Both backends get identical inputs: each image is decoded to RGB (``load_rgb``), resized
-and centre-cropped to the model's input size exactly as validation did, and handed over as uint8 NCHW; the
-model normalises and applies the calibration temperature itself (see ``finetune.export``).
+torch otherwise: that choice is the *backend*, and the object that runs the model is its *runner*. Both
+runners get identical inputs: each image is decoded to RGB (``load_rgb``), resized and centre-cropped to the
+model's input size exactly as validation did, and handed over as uint8 NCHW; the model normalises and
+applies the calibration temperature itself (see ``finetune.export``). Scoring a labelled folder is
+``finetune.evaluate``.
 """
 
 from __future__ import annotations
 
-import csv
 import glob
-import io
 import json
 import logging
-import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,7 +26,7 @@ import torch
 
 from . import export, runs
 from .data import load_rgb, parse_data_config
-from .data.paths import is_ignored, walk_images
+from .data.paths import walk_images
 from .errors import ImageDecodeError, UsageError
 from .runtime import onnx_session, tune_allocator, usable_cpus
 
@@ -57,14 +56,16 @@ class Prediction:
                 "top_k": [{"label": label, "score": score} for label, score in self.top_k], "error": self.error}
 
 
-class Backend(Protocol):
+class Runner(Protocol):
+    """Runs the model of one backend; ``name`` says which (``onnxruntime``, ``torch``)."""
+
     name: str
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         """(N, 3, H, W) uint8 -> (N, classes) calibrated probabilities."""
 
 
-class OnnxBackend:
+class OnnxRunner:
     def __init__(self, path: Path, threads: int | None = None) -> None:
         self.name = "onnxruntime"
         self.path = path
@@ -79,7 +80,7 @@ class OnnxBackend:
         return json.loads(text) if text else None
 
 
-class TorchBackend:
+class TorchRunner:
     def __init__(self, model: torch.nn.Module, name: str = "torch", autocast: torch.dtype | None = None) -> None:
         self.name = name
         self.model = model.eval()
@@ -96,8 +97,8 @@ class TorchBackend:
 class Predictor:
     """A loaded model with its labels and preprocessing; ``predict`` takes paths or images."""
 
-    def __init__(self, backend: Backend, config: dict[str, Any], source: Path) -> None:
-        self.backend = backend
+    def __init__(self, runner: Runner, config: dict[str, Any], source: Path) -> None:
+        self.runner = runner
         self.config = config
         self.source = source
         self.labels: list[str] = list(config["label_names"])
@@ -106,7 +107,12 @@ class Predictor:
 
     def __repr__(self) -> str:
         return (f"Predictor({self.source}, {self.config['architecture']}, {len(self.labels)} classes, "
-                f"backend={self.backend.name})")
+                f"backend={self.runner.name})")
+
+    @property
+    def backend(self) -> Runner:
+        """The old name of ``runner`` (finetune/cli.py and the README still use it)."""
+        return self.runner
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 RGB -> (3, h, w) uint8 at the model's input size (eval resize + centre crop)."""
@@ -115,8 +121,8 @@ class Predictor:
     def probabilities(self, pixels: np.ndarray, tta: bool = False) -> np.ndarray:
         """Calibrated class probabilities for a (N, 3, h, w) uint8 batch; ``tta`` averages in the mirror image."""
         if not tta:
-            return self.backend(pixels)
-        both = self.backend(np.concatenate([pixels, np.ascontiguousarray(pixels[..., ::-1])]))
+            return self.runner(pixels)
+        both = self.runner(np.concatenate([pixels, np.ascontiguousarray(pixels[..., ::-1])]))
         return (both[: len(pixels)] + both[len(pixels) :]) / 2
 
     def predict(self, inputs: Any, *, top_k: int = DEFAULT_TOP_K, batch_size: int = DEFAULT_BATCH_SIZE,
@@ -248,6 +254,8 @@ def load(path: str | os.PathLike[str], backend: str = "auto", threads: int | Non
         return _onnx_predictor(path, threads)
     if not path.is_dir():
         raise UsageError(f"model {path} not found: give a run folder, an export folder or a .onnx file")
+    if (path / runs.CONFIG_NAME).is_file():
+        _read_config(path)  # the folder's format version, checked before any model file is read
     onnx_file = next((p for p in (path / export.ONNX_NAME, path / export.EXPORT_DIR / export.ONNX_NAME)
                       if p.is_file()), None)
     if backend in ("auto", "onnx") and onnx_file is not None:
@@ -258,9 +266,10 @@ def load(path: str | os.PathLike[str], backend: str = "auto", threads: int | Non
 
 
 def _onnx_predictor(path: Path, threads: int | None) -> Predictor:
-    backend = OnnxBackend(path, threads)
-    config = backend.config() or _read_config(path.parent)
-    return Predictor(backend, config, path)
+    runner = OnnxRunner(path, threads)
+    embedded = runner.config()
+    config = runs.check_format(embedded, path) if embedded else _read_config(path.parent)
+    return Predictor(runner, config, path)
 
 
 def _torch_predictor(folder: Path, threads: int | None) -> Predictor:
@@ -275,170 +284,26 @@ def _torch_predictor(folder: Path, threads: int | None) -> Predictor:
     else:
         raise UsageError(f"{folder} has no model ({runs.WEIGHTS_NAME}, {export.ONNX_NAME} or {export.PT2_NAME}): "
                          "give a run folder written by `finetune fit` or an export folder")
-    return Predictor(TorchBackend(model), config, folder)
+    return Predictor(TorchRunner(model), config, folder)
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
     path = folder / runs.CONFIG_NAME
     try:
-        return json.loads(path.read_text())
+        return runs.check_format(json.loads(path.read_text()), path)
     except FileNotFoundError:
         raise UsageError(f"{path} not found: a model needs its config.json (labels, input size)") from None
 
 
-# --- evaluate --------------------------------------------------------------------------------------------
-@dataclass
-class Evaluation:
-    """Scores of a model on a labelled folder. Macro averages leave out classes that neither occur in the
-    folder nor are predicted (as torchmetrics does, so the numbers match the run's validation metrics)."""
-
-    labels: list[str]
-    confusion: np.ndarray  # rows: true class, columns: predicted class
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
-    predictions: list[tuple[str, str, str, float]] = field(default_factory=list, repr=False)  # path, true, pred, score
-    files: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def images(self) -> int:
-        return int(self.confusion.sum())
-
-    @property
-    def accuracy(self) -> float:
-        return float(np.trace(self.confusion) / max(1, self.images))
-
-    def per_class(self) -> list[dict[str, Any]]:
-        c = self.confusion
-        rows = []
-        for i, label in enumerate(self.labels):
-            tp, support, predicted = c[i, i], c[i].sum(), c[:, i].sum()
-            precision, recall = _ratio(tp, predicted), _ratio(tp, support)
-            f1 = _ratio(2 * precision * recall, precision + recall)
-            rows.append({"label": label, "precision": precision, "recall": recall, "f1": f1,
-                         "support": int(support), "predicted": int(predicted)})
-        return rows
-
-    def _macro(self, key: str) -> float:
-        used = [r[key] for r in self.per_class() if r["support"] or r["predicted"]]
-        return float(np.mean(used)) if used else math.nan
-
-    @property
-    def macro_f1(self) -> float:
-        return self._macro("f1")
-
-    @property
-    def balanced_accuracy(self) -> float:
-        return self._macro("recall")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"images": self.images, "accuracy": self.accuracy, "macro_f1": self.macro_f1,
-                "balanced_accuracy": self.balanced_accuracy, "per_class": self.per_class(),
-                "confusion": self.confusion.tolist(), "labels": self.labels,
-                "skipped": [{"path": p, "reason": r} for p, r in self.skipped], "files": self.files}
+# Old names, kept while code outside this room moves to the new ones (scripts/bench_predict.py, finetune/cli.py,
+# tests/test_export.py); remove them then.
+OnnxBackend = OnnxRunner
+TorchBackend = TorchRunner
 
 
-def _ratio(a: float, b: float) -> float:
-    return float(a / b) if b else 0.0
+def __getattr__(name: str) -> Any:
+    if name == "evaluate":  # moved to finetune.evaluate
+        from .evaluate import evaluate
 
-
-def evaluate(model: str | os.PathLike[str] | Predictor, folder: str | os.PathLike[str], *,
-             out: str | os.PathLike[str] | None = None, batch_size: int = DEFAULT_BATCH_SIZE, tta: bool = False,
-             backend: str = "auto") -> Evaluation:
-    """Score ``model`` on ``folder/<class>/<images>`` (class names from the model's labels).
-
-    Writes metrics.json, per_class.csv, confusion.csv, confusion.png and predictions.csv to ``out``
-    (default: ``<model>/eval-<folder name>``); unreadable images are skipped and listed.
-    """
-    predictor = model if isinstance(model, Predictor) else load(model, backend)
-    folder = Path(folder)
-    samples = labelled_images(folder, predictor.labels)
-    index = {label: i for i, label in enumerate(predictor.labels)}
-    confusion = np.zeros((len(index), len(index)), dtype=np.int64)
-    result = Evaluation(predictor.labels, confusion)
-    paths = [p for p, _ in samples]
-    truth = dict(samples)
-    for prediction in predictor.predict_iter(paths, top_k=1, batch_size=batch_size, tta=tta):
-        true = truth[Path(prediction.source)]
-        if not prediction.ok:
-            result.skipped.append((prediction.source, prediction.error or ""))
-            continue
-        confusion[index[true], index[prediction.label]] += 1
-        result.predictions.append((prediction.source, true, prediction.label, prediction.score))
-    if result.images == 0:
-        raise UsageError(f"none of the {len(samples)} images under {folder} could be read")
-    if out is None:
-        base = predictor.source if isinstance(model, Predictor) else Path(model)
-        out = (base if base.is_dir() else base.parent) / f"eval-{folder.resolve().name}"
-    write_evaluation(result, Path(out))
-    return result
-
-
-def labelled_images(folder: Path, labels: Sequence[str]) -> list[tuple[Path, str]]:
-    """``(file, class name)`` for ``folder/<class>/**/<image>``; every class folder must be a model label."""
-    if not folder.is_dir():
-        raise UsageError(f"{folder} is not a folder; evaluate needs a labelled folder DIR/<class>/<images>")
-    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not is_ignored(d))
-    unknown = [c for c in classes if c not in labels]
-    if unknown:
-        hint = ""
-        if set(unknown) & {"train", "val", "valid", "validation", "test"}:
-            hint = f" ({folder} looks like a split layout: evaluate one split, e.g. {folder / 'val'})"
-        raise UsageError(f"class folders {', '.join(unknown)} in {folder} are not labels of the model{hint}; "
-                         f"the model knows: {', '.join(labels)}")
-    samples = [(p, c) for c in classes for p in _folder_images(folder / c)]
-    if not samples:
-        raise UsageError(f"no images under {folder}: expected {folder}/<class>/<images>")
-    return samples
-
-
-def write_evaluation(result: Evaluation, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    result.files = {name: str(out / name) for name in
-                    ("metrics.json", "per_class.csv", "confusion.csv", "confusion.png", "predictions.csv")}
-    runs.atomic_write_bytes(out / "per_class.csv", _csv(
-        ["label", "precision", "recall", "f1", "support", "predicted"],
-        ([r[k] for k in ("label", "precision", "recall", "f1", "support", "predicted")] for r in result.per_class())))
-    runs.atomic_write_bytes(out / "confusion.csv", _csv(
-        ["true \\ predicted", *result.labels],
-        ([label, *row] for label, row in zip(result.labels, result.confusion.tolist(), strict=True))))
-    runs.atomic_write_bytes(out / "predictions.csv", _csv(["path", "true", "predicted", "score"], result.predictions))
-    plot_confusion(result.confusion, result.labels, out / "confusion.png")
-    runs.write_json(out / "metrics.json", result.to_dict())
-
-
-def _csv(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> bytes:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buffer.getvalue().encode()
-
-
-def plot_confusion(confusion: np.ndarray, labels: Sequence[str], path: Path) -> None:
-    """Rows normalised to recall for the colours, raw counts as the numbers."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(labels)
-    rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
-    size = max(4.0, 0.55 * n + 2)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
-    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    if n <= 30:
-        for i in range(n):
-            for j in range(n):
-                if confusion[i, j]:
-                    ax.text(j, i, str(confusion[i, j]), ha="center", va="center", fontsize=8,
-                            color="white" if rates[i, j] > 0.5 else "black")
-    ax.set_xticks(range(n), labels, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(n), labels, fontsize=8)
-    ax.set(xlabel="predicted", ylabel="true", title=f"confusion matrix ({int(confusion.sum())} images)")
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    runs.atomic_write_bytes(path, buffer.getvalue())
-
-
+        return evaluate
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

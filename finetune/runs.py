@@ -7,7 +7,8 @@
       metrics.csv         per-step and per-epoch metrics (Lightning CSV logger)
       checkpoints/        best.ckpt (on val/acc) and last.ckpt
       model.safetensors   trained weights of the best epoch, timm key names
-      config.json         timm hub layout: architecture, num_classes, label_names, pretrained_cfg (+ finetune)
+      config.json         timm hub layout: architecture, num_classes, label_names, pretrained_cfg (+ finetune,
+                          whose "format" is FORMAT_VERSION: the layout of this folder and its export)
       curves.png          loss and accuracy per epoch
       summary.json        final metrics, timings, skipped files, versions, recipe choice
       report.md           the same for people
@@ -25,8 +26,9 @@ import safetensors.torch
 import timm
 import torch
 
+from . import __version__
 from .data import DatasetSplits
-from .errors import UsageError
+from .errors import FinetuneError, UsageError
 from .files import atomic_write_bytes, atomic_write_json
 from .model.classifier import Classifier
 from .model.domain import DomainGap
@@ -37,6 +39,14 @@ from .runtime import Precision
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+# The layout of config.json and of the run and export folders; bump it when a folder written by this code
+# could not be read by older code, and keep older folders loading (tests/test_formats.py). Folders written
+# before there was a version have no "format" key and the layout of version 1.
+FORMAT_VERSION = 1
+
+
+class FormatVersionError(FinetuneError):
+    """A run or export folder written by a newer finetune, in a format this one cannot read."""
 
 
 def new_run_dir(out: str | Path | None, dataset: Path, recipe: str) -> Path:
@@ -75,7 +85,8 @@ def model_config(classifier: Classifier, architecture: str, labels: list[str], d
     pretrained_cfg["num_classes"] = classifier.num_classes
     pretrained_cfg["classifier"] = getattr(classifier.backbone, "pretrained_cfg", {}).get("classifier", "classifier")
     # test_flip: the model averages each image's logits with its mirror image's; plain timm does not
-    finetune: dict[str, Any] = {"head": classifier.head_kind, "test_flip": classifier.test_flip}
+    finetune: dict[str, Any] = {"format": FORMAT_VERSION, "head": classifier.head_kind,
+                                "test_flip": classifier.test_flip}
     if classifier.multistage is not None:
         finetune["head_stages"] = classifier.head_stages
         finetune["head_in_features"] = classifier.multistage.in_features
@@ -111,7 +122,7 @@ def load_model(folder: str | Path) -> tuple[Classifier, dict[str, Any]]:
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: point at a run folder written by `finetune fit`")
-    config = json.loads(config_path.read_text())
+    config = check_format(json.loads(config_path.read_text()), config_path)
     extra = config.get("finetune", {})
     backbone = timm.create_model(config["architecture"], pretrained=False, num_classes=config["num_classes"],
                                  pretrained_cfg_overlay=data_config(config))
@@ -130,6 +141,24 @@ def load_model(folder: str | Path) -> tuple[Classifier, dict[str, Any]]:
     return classifier.eval(), config
 
 
+def check_format(config: dict[str, Any], source: str | Path) -> dict[str, Any]:
+    """``config`` (read from ``source``) with its format version, after checking that this code reads it.
+
+    A config without a version was written before versions existed, in the layout of version 1: it gets
+    ``FORMAT_VERSION``, so that an export or a rewrite of it records the layout it has.
+    """
+    extra = config.setdefault("finetune", {})
+    version = extra.setdefault("format", FORMAT_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise FormatVersionError(f"{source} has format version {version!r}, which no finetune writes: the file "
+                                 f"is damaged; restore it, or set finetune.format to {FORMAT_VERSION} if the rest "
+                                 "is intact")
+    if version > FORMAT_VERSION:
+        raise FormatVersionError(f"{source} has format version {version}; this finetune ({__version__}) reads "
+                                 f"versions up to {FORMAT_VERSION}: upgrade finetune to read it")
+    return config
+
+
 def data_config(config: dict[str, Any]) -> dict[str, Any]:
     """The timm data config (input_size, mean, std, interpolation, crop_pct, crop_mode) of a ``config.json``."""
     cfg = config.get("pretrained_cfg", {})
@@ -145,8 +174,8 @@ def temperature(config: dict[str, Any]) -> float:
 def write_temperature(folder: str | Path, value: float) -> None:
     """Store a fitted temperature in ``folder/config.json`` (atomically); predictions divide logits by it."""
     path = Path(folder) / CONFIG_NAME
-    config = json.loads(path.read_text())
-    config.setdefault("finetune", {})["temperature"] = float(value)
+    config = check_format(json.loads(path.read_text()), path)
+    config["finetune"]["temperature"] = float(value)
     write_json(path, config)
 
 

@@ -18,8 +18,9 @@ from finetune import runs
 from finetune.cli import main
 from finetune.data import build_transforms, load_rgb
 from finetune.errors import UsageError
+from finetune.evaluate import evaluate, labelled_images
 from finetune.export import export_run
-from finetune.predict import Predictor, evaluate, find_images, labelled_images, load
+from finetune.predict import Predictor, find_images, load
 from finetune.train import fit
 
 
@@ -53,10 +54,10 @@ def mixed(val_dir, tmp_path) -> Path:
 
 
 def test_load_chooses_the_backend(run):
-    assert load(run).backend.name == "onnxruntime"  # the run's export/model.onnx
-    assert load(run, backend="torch").backend.name == "torch"
-    assert load(run / "export" / "model.onnx").backend.name == "onnxruntime"
-    assert load(run / "export", backend="torch").backend.name == "torch"
+    assert load(run).runner.name == "onnxruntime"  # the run's export/model.onnx
+    assert load(run, backend="torch").runner.name == "torch"
+    assert load(run / "export" / "model.onnx").runner.name == "onnxruntime"
+    assert load(run / "export", backend="torch").runner.name == "torch"
     assert finetune.load is load
     predictor = load(run)
     assert predictor.labels == ["blue", "green", "red"] and predictor.temperature == 1.3
@@ -149,8 +150,8 @@ def test_tta_averages_the_image_and_its_mirror(run, val_dir):
 def test_predict_streams_batch_by_batch(run, val_dir):
     predictor = load(run)
     calls = []
-    backend = predictor.backend
-    predictor.backend = lambda pixels: calls.append(len(pixels)) or backend(pixels)
+    runner = predictor.runner
+    predictor.runner = lambda pixels: calls.append(len(pixels)) or runner(pixels)
     stream = predictor.predict_iter(val_dir, batch_size=2)
     next(stream)
     assert calls == [2]  # only the first batch has run
@@ -229,3 +230,11 @@ def test_cli_evaluate(run, val_dir, tmp_path, capsys):
 
 def test_predictor_repr_names_the_backend(run):
     assert "onnxruntime" in repr(load(run)) and isinstance(load(run), Predictor)
+
+
+def test_old_names_still_work():
+    """Kept until finetune/cli.py, tests/test_export.py and scripts/bench_predict.py use the new ones."""
+    import finetune.predict as predict
+
+    assert predict.evaluate is evaluate
+    assert predict.OnnxBackend is predict.OnnxRunner and predict.TorchBackend is predict.TorchRunner

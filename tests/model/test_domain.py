@@ -8,8 +8,8 @@ import timm
 import torch
 from torch import nn
 
-from finetune.recipe_choice import inspect_dataset
 from finetune.model.domain import DOMAIN_GAP_THRESHOLD, measure_domain_gap
+from finetune.recipe_choice import inspect_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import reference_sets  # noqa: E402
