@@ -28,3 +28,15 @@ def make_image_folder(root: Path, classes: int = 3, per_class: int = 8, size: in
             suffix = ".jpg" if i % 2 else ".png"
             Image.fromarray(pixels).save(folder / f"{i}{suffix}")
     return root
+
+
+def photo_like(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """An (H, W, 3) uint8 stand-in for a photograph: smooth colour regions at several scales (a random 6x8
+    and 24x32 grid, upscaled bicubically) plus fine texture, so resizing and cropping behave as on a photo."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((height, width, 3), np.float32)
+    for grid, weight in (((6, 8), 0.6), ((24, 32), 0.3)):
+        coarse = rng.integers(0, 256, (*grid, 3), dtype=np.uint8)
+        image += weight * np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC))
+    image += rng.normal(0, 0.1 * 255 / 3, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)

@@ -209,6 +209,7 @@ def test_dataset_works_without_a_datamodule(tmp_path: Path, make_class_folder: C
 # Fashion-MNIST made by scripts/make_fashion_mnist.py: real images through the real backbone configs.
 
 
+@pytest.mark.slow  # real data: the Fashion-MNIST IDX files
 def test_fashion_mnist_with_efficientnet_lite0(fashion_mnist_dir: Path) -> None:
     splits = scan_image_folder(fashion_mnist_dir)
     assert (
@@ -223,6 +224,7 @@ def test_fashion_mnist_with_efficientnet_lite0(fashion_mnist_dir: Path) -> None:
     assert seen_labels == set(range(10))
 
 
+@pytest.mark.slow  # real data: the Fashion-MNIST IDX files
 def test_fashion_mnist_with_mobilenetv2(fashion_mnist_dir: Path) -> None:
     config = backbone_config("mobilenetv2_100")
     mean, std = np.array(config["mean"]), np.array(config["std"])

@@ -94,8 +94,6 @@ def test_the_doctor_checks_the_files_of_a_labels_file(tmp_path: Path, flat: Path
     assert main(["doctor", str(flat), "--labels", str(labels), "--json", "--workers", "0"]) == 1
 
 
-@pytest.mark.skipif("labels" not in __import__("inspect").signature(__import__("finetune.train").train.fit).parameters,
-                    reason="fit(labels=...) is not wired yet (issue 6: the lead wires it into train.py)")
 def test_fit_trains_from_a_labels_file(tmp_path: Path, flat: Path, monkeypatch) -> None:
     from finetune.cli import main
 

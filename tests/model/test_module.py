@@ -100,13 +100,34 @@ def test_phase_is_saved_and_restored():
     assert StagedFinetuning(0, 0).phase_for_epoch(5) == "head"  # nothing to unfreeze, ever
 
 
-def test_resumed_run_continues_in_the_finetune_phase(tmp_path):
+class AtTrainStart(pl.Callback):
+    """Records the weights the resumed fit starts from and the epochs it runs."""
+
+    def __init__(self):
+        self.weights, self.epochs = None, []
+
+    def on_train_start(self, trainer, pl_module):
+        self.weights = {k: v.clone() for k, v in pl_module.classifier.state_dict().items()}
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.epochs.append(trainer.current_epoch)
+
+
+def test_resumed_run_continues_from_the_checkpoint_in_the_finetune_phase(tmp_path):
     r = recipes.get("large-similar").override({"freeze_epochs": 1, "epochs": 3})
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
     module, _, trainer = train(r, 2, callbacks=[ckpt], enable_checkpointing=True)
+    initial = {k: v.clone() for k, v in module.classifier.state_dict().items()}
     trainer.fit(module, loader())
-    module, finetuning, trainer = train(r, 3)
+    saved = {k.removeprefix("classifier."): v for k, v in
+             torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"].items()}
+    assert any(not torch.equal(initial[k], saved[k]) for k in initial)  # two epochs moved the weights
+
+    start = AtTrainStart()
+    module, finetuning, trainer = train(r, 3, callbacks=[start])  # same seed: starts from `initial`
     trainer.fit(module, loader(), ckpt_path=tmp_path / "last.ckpt")
+    assert start.epochs == [2]  # only the epoch the first run had not done
+    assert all(torch.equal(start.weights[k], saved[k]) for k in saved)  # resumed from the checkpoint's weights
     assert finetuning.phase == "finetune"
     params = dict(module.classifier.named_parameters())
     assert all(params[n].requires_grad for n in module.classifier.stage_groups()[-1])

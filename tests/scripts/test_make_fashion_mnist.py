@@ -141,11 +141,11 @@ def test_installs_the_package_when_allowed(
     assert calls == ["dataset-fashion-mnist"]
 
 
-def test_real_fashion_mnist_is_quick(script: ModuleType, tmp_path: Path) -> None:
+@pytest.mark.slow  # real data: the IDX files of the Debian package
+def test_real_fashion_mnist_sample(script: ModuleType, tmp_path: Path) -> None:
     if not script._has_idx_files(script.DEFAULT_SOURCE):
-        pytest.skip(
-            f"Fashion-MNIST IDX files not installed in {script.DEFAULT_SOURCE} (apt: dataset-fashion-mnist)"
-        )
+        pytest.skip(f"real data missing: no Fashion-MNIST IDX files in {script.DEFAULT_SOURCE} "
+                    f"(apt-get install {script.DEBIAN_PACKAGE})")
     out = tmp_path / "fm"
     assert script.main(["--out", str(out), "--per-class", "100", "--val-per-class", "100"]) == 0
     assert len(files(out / "train")) == len(files(out / "val")) == 1000
