@@ -112,7 +112,7 @@ def export_formats(name: str, value: str | Sequence[str]) -> tuple[str, ...]:
     for item in filter(None, (str(i).strip() for i in items)):
         canonical = EXPORT_ALIASES.get(item.lower(), item.lower())
         if canonical not in EXPORT_FORMATS:
-            raise _fail(name, value, f"unknown export format {_text(item)!r}",
+            raise _fail(name, value, f"unknown export format {item!r}",
                         f"choose from {', '.join(EXPORT_FORMATS)} (torchscript is an alias of pt2)")
         chosen.append(canonical)
     if not chosen:
