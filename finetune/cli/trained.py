@@ -25,7 +25,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
                                    "an error and nothing is written for that format.")
     p.set_defaults(handler=cmd_export)
     p.add_argument("run", metavar="RUN", help="run folder written by `finetune fit`")
-    p.add_argument("--format", default="safetensors,onnx",
+    p.add_argument("--format", default="safetensors,onnx",  # TODO(lead): export.DEFAULT_FORMATS
                    help="comma-separated: safetensors, onnx, pt2 (a torch.export program; 'torchscript' is "
                         "accepted as an alias of pt2, TorchScript itself being deprecated). Default safetensors,onnx")
     p.add_argument("--out", help="export folder (default RUN/export)")
