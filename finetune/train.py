@@ -40,8 +40,8 @@ from .phases import Outcome
 from .phases.epochs import train_epochs
 from .phases.probe import finish_probe_only, keep_the_better, probed_model, run_probe
 from .progress import Phases
-from .recipe_choice import DOMAINS, base_recipe, domain_sentence, measure_domain, resolve_recipe
-from .recipes import Recipe, RecipeError
+from .recipe_choice import base_recipe, domain_sentence, measure_domain, resolve_recipe
+from .recipes import Recipe
 from .runtime import Precision, choose_precision, tune_allocator
 
 log = logging.getLogger("finetune")
@@ -116,10 +116,10 @@ def fit(
     ``RUN/export`` and parity-checked at the end (None: no export).
     """
     started = time.perf_counter()
-    check_fit_arguments(val_fraction=val_fraction, seed=seed, num_workers=num_workers, epochs=epochs,
-                        batch_size=batch_size)
-    if domain not in DOMAINS:
-        raise RecipeError(f"domain must be one of {DOMAINS}, got {domain!r}")
+    check_fit_arguments(data_dir=data_dir, recipe=recipe, overrides=overrides, model=model, pretrained=pretrained,
+                        val_fraction=val_fraction, seed=seed, num_workers=num_workers, epochs=epochs,
+                        batch_size=batch_size, labels=labels, split_file=split_file, weights=weights, out=out,
+                        domain=domain, precision=precision, feature_backend=feature_backend, export=export)
     tune_allocator()
     phases = Phases(enabled=progress)
     shortcuts = {"model": model, "epochs": epochs, "batch_size": batch_size, "pretrained": pretrained}

@@ -1,0 +1,71 @@
+"""`finetune recipes` and `finetune models`: what the toolkit offers."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.table import Table
+
+from .. import arguments as check
+
+
+def add_recipes(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("recipes", help="list the built-in recipes, or show the fields of one")
+    p.set_defaults(handler=cmd_recipes)
+    p.add_argument("name", nargs="?", help="a recipe name (or a .toml recipe file)")
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from .. import recipes
+    from . import out
+
+    if args.name:
+        recipe = check.recipe("NAME", args.name)
+        text = (f"# recipe {recipe.name}: the fields that act on this recipe's training path\n"
+                + recipe.to_toml())
+        out.print(text, markup=False, highlight=False, soft_wrap=True, end="")
+        return 0
+    table = Table(title="built-in recipes (finetune recipes NAME shows one in full)")
+    for column in ("name", "backbone", "head", "training", "description"):
+        table.add_column(column, no_wrap=column == "name")
+    for name in recipes.names():
+        r = recipes.get(name)
+        table.add_row(name, _backbone_training(r), r.head, _schedule(r), r.description)
+    out.print(table)
+    return 0
+
+
+def _backbone_training(r) -> str:
+    trains = {0: "frozen", -1: "all unfrozen"}.get(r.unfreeze_stages, f"top {r.unfreeze_stages} stages")
+    if r.trains_backbone:
+        trains += f" after {r.freeze_epochs} epoch(s)"
+    return trains
+
+
+def _schedule(r) -> str:
+    if r.cached_features and not r.trains_backbone:
+        return "probe (L-BFGS on cached features)"
+    if r.cached_features and r.freeze_epochs:
+        return f"probe, then {r.epochs - r.freeze_epochs} epochs"
+    return f"{r.epochs} epochs"
+
+
+def add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list backbones whose pretrained weights work offline")
+    p.set_defaults(handler=cmd_models)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from ..model.backbones import list_offline_backbones
+    from . import out
+
+    table = Table(title="backbones with offline ImageNet weights")
+    for column in ("name", "params (M)", "input", "source", "available"):
+        table.add_column(column, no_wrap=column == "name")
+    for row in list_offline_backbones():
+        size = "x".join(str(v) for v in row["input_size"][1:])
+        table.add_row(row["name"], f"{row['params']:.1f}", size, row["source"], "yes" if row["available"] else "no")
+    out.print(table)
+    out.print("Any other timm name works with its own pretrained weights when reachable, "
+              "with --weights FILE, or with --no-pretrained.")
+    return 0
