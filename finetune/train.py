@@ -121,6 +121,7 @@ def fit(
                         batch_size=batch_size, labels=labels, split_file=split_file, weights=weights, out=out,
                         domain=domain, precision=precision, feature_backend=feature_backend, export=export)
     tune_allocator()
+    pl.seed_everything(seed, workers=True, verbose=False)  # before the backbone: a random init depends on it
     phases = Phases(enabled=progress)
     shortcuts = {"model": model, "epochs": epochs, "batch_size": batch_size, "pretrained": pretrained}
     merged = {k: v for k, v in shortcuts.items() if v is not None} | dict(overrides or {})
@@ -136,7 +137,6 @@ def fit(
     log.info("recipe %s: %s", r.name, choice.reason)
     timings["recipe_choice_s"] = time.perf_counter() - started - timings["preflight_s"]
 
-    pl.seed_everything(seed, workers=True, verbose=False)
     balance = checked.balance if r.balance == "auto" else plan_balance(checked.balance.class_counts, method=r.balance)
     classifier, datamodule = _build(choice, checked.splits, balance, prec, weights, num_workers, seed)
     run_dir = _start_run_dir(out, data_dir, choice, checked.splits)

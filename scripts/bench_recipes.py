@@ -1,4 +1,5 @@
-"""Every built-in recipe (and `auto`) on the Fashion-MNIST demo folder: validation accuracy and wall time.
+"""Every built-in recipe (and `auto`) on the Fashion-MNIST demo folder: validation and held-out test accuracy,
+wall time.
 
     python scripts/bench_recipes.py --out bench/recipes.json
     python scripts/bench_recipes.py --recipes large-similar --fp32 --set epochs=3   # bf16 against fp32, shorter
@@ -31,7 +32,8 @@ def run_recipe(data: Path, recipe: str, workdir: Path, precision: str = "auto", 
     wall = time.perf_counter() - started
     summary = json.loads((out / "summary.json").read_text())
     return {"recipe": recipe, "precision": summary["precision"], "chosen": summary["recipe"],
-            "val_acc": summary["val"]["acc"], "macro_f1": summary["val"]["macro_f1"], "wall_s": round(wall, 1),
+            "val_acc": summary["val"]["acc"], "test_acc": summary["test"].get("acc"),
+            "macro_f1": summary["val"]["macro_f1"], "wall_s": round(wall, 1),
             "training": summary["training"], "epochs_run": summary["epochs_run"], "best_epoch": summary["best_epoch"],
             "sets": list(sets), "load_at_start": load}
 
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (args.data / "train").is_dir():
         subprocess.run([sys.executable, str(ROOT / "scripts/make_fashion_mnist.py"), "--out", str(args.data),
-                        "--per-class", "100", "--val-per-class", "100"], check=True)
+                        "--per-class", "100", "--val-per-class", "100", "--test-per-class", "100"], check=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for recipe in args.recipes:

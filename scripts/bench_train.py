@@ -149,7 +149,7 @@ def bench_steps(s: Settings, prec, tmp: Path) -> dict:
     from finetune import create_backbone, recipes
     from finetune.model.classifier import Classifier
     from finetune.model.freezing import StagedFinetuning
-    from finetune.model.module import OptimConfig, TransferModule
+    from finetune.model.module import TransferModule
 
     recipe = recipes.get("large-different").override({"freeze_epochs": 0})
     torch.manual_seed(0)
@@ -163,8 +163,7 @@ def bench_steps(s: Settings, prec, tmp: Path) -> dict:
                 torch.randint(0, NUM_CLASSES, (s.batch_size,)), []) for _ in range(n_batches)]
 
     bare = _BareLoop(model, prec, recipe.label_smoothing)
-    optim = OptimConfig(**{k: v for k, v in recipe.to_dict().items() if k in OptimConfig.__dataclass_fields__})
-    module = TransferModule(model, optim, channels_last=prec.channels_last)
+    module = TransferModule(model, recipe, channels_last=prec.channels_last)
     class StepStamps(pl.Callback):
         """The time at the end of every step: differences are whole step periods, Lightning included."""
 
@@ -259,7 +258,7 @@ def bench_frozen(s: Settings, prec, tmp: Path) -> dict:
         summary = result.summary
         runs[name] = {"wall_s": round(wall, 1), "total_s": round(summary["timings"]["total_s"], 1),
                       "train_s": round(summary["timings"]["train_s"], 1), "epochs_run": summary["epochs_run"],
-                      "val_acc": round(result.metrics["acc"], 4), "training": summary["training"]}
+                      "val_acc": round(result.val["acc"], 4), "training": summary["training"]}
         if summary["probe"]:
             runs[name] |= {k: round(summary["probe"][k], 1) for k in ("features_s", "fit_s")}
             runs[name]["features_backend"] = summary["probe"]["features_backend"]

@@ -83,7 +83,9 @@ def targets(finetune_acc: float, finetune_s: float, fastai_s: float) -> dict:
 
 def finetune_result(summary: dict, wall_s: float) -> dict:
     """The comparison's view of a finetune run's summary.json."""
-    return {"accuracy": round(summary["val"]["acc"], 4), "wall_s": round(wall_s, 1), "recipe": summary["recipe"],
+    test = summary.get("test") or {}
+    return {"accuracy": round(summary["val"]["acc"], 4), "test_accuracy": round(test["acc"], 4) if test else None,
+            "wall_s": round(wall_s, 1), "recipe": summary["recipe"],
             "recipe_reason": summary["recipe_reason"], "in_process_s": round(summary["timings"]["total_s"], 1),
             "timings": summary["timings"], "epochs_run": summary["epochs_run"], "precision": summary["precision"],
             "train_images": summary["train_images"], "val_images": summary["val_images"]}
@@ -110,7 +112,7 @@ def ensure_data(data: Path, python: Path) -> None:
         return
     print(f"making {data} with scripts/make_fashion_mnist.py", file=sys.stderr)
     _run([python, REPO / "scripts/make_fashion_mnist.py", "--out", data, "--per-class", "100",
-          "--val-per-class", "100"])
+          "--val-per-class", "100", "--test-per-class", "100"])
 
 
 def _python_says(python: Path, code: str) -> str:

@@ -4,10 +4,12 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import safetensors.torch
 import timm
 import torch
+from PIL import Image
 
 from finetune import recipes
 from finetune.cli import main
@@ -30,20 +32,24 @@ def test_fit_writes_a_self_describing_run_folder(name, tiny_folder, tmp_path):
     result = _fit(tiny_folder, name, tmp_path)
     run = result.run_dir
     for f in ("recipe.toml", "classes.json", "split.json", "metrics.csv", "summary.json", "report.md",
-              "model.safetensors", "config.json", "curves.png", "checkpoints/best.ckpt", "checkpoints/last.ckpt"):
+              "model.safetensors", "config.json", "probe.png", "checkpoints/best.ckpt", "checkpoints/last.ckpt"):
         assert (run / f).is_file(), f
+    assert (run / "curves.png").is_file() == result.recipe.trains_backbone  # the epochs' plot beside the probe's
     summary = json.loads((run / "summary.json").read_text())
     assert summary["recipe"] == name
     if result.recipe.trains_backbone:  # LP-FT: the probe replaces the head warm-up epoch, then Lightning epochs
         assert summary["training"].startswith("LP-FT") and summary["epochs_run"] == 1
     else:  # the frozen backbone ran once; the head was fitted on cached features
         assert summary["training"].startswith("probe") and summary["epochs_run"] == 0
-    assert summary["probe"]["weight_decay"] > 0 and (run / "probe.csv").is_file()
-    assert summary["calibration"]["temperature"] > 0
+    assert summary["probe"]["weight_decay"] in [row["weight_decay"] for row in summary["probe"]["sweep"]]
+    assert (run / "probe.csv").is_file()
+    assert summary["probe"]["views"] == ["images", "mirror images"]  # flip_views
     assert set(result.metrics) >= {"acc", "balanced_acc", "macro_f1", "loss"}
-    assert summary["val"] == result.metrics and 0 <= result.accuracy <= 1
+    assert result.test == {} and result.headline_split == "val" and summary["val"] == result.metrics == result.val
+    assert "validation" in summary["selection"]
     assert summary["skipped_files"] == 0 and summary["train_images"] + summary["val_images"] == 24
-    assert recipes.load(run / "recipe.toml") == result.recipe
+    loaded = recipes.load(run / "recipe.toml")
+    assert all(getattr(loaded, k) == getattr(result.recipe, k) for k in result.recipe.active_fields())
 
     # the export holds the best checkpoint's weights and gives the same logits
     classifier, config = load_model(run)
@@ -56,7 +62,8 @@ def test_fit_writes_a_self_describing_run_folder(name, tiny_folder, tmp_path):
     x = torch.randn(2, 3, 160, 160)
     with torch.no_grad():
         expected = reference.eval()(x)
-        assert torch.allclose(classifier(x), expected, atol=1e-5)
+        mirrored = (expected + reference(x.flip(-1))) / 2  # test_flip: the mean with the mirror image's logits
+        assert config["finetune"]["test_flip"] and torch.allclose(classifier(x), mirrored, atol=1e-5)
         if result.recipe.head == "linear":  # plain timm, no finetune code involved
             plain = timm.create_model(config["architecture"], num_classes=config["num_classes"])
             plain.load_state_dict(safetensors.torch.load_file(run / "model.safetensors"))
@@ -106,7 +113,7 @@ def test_cli_fit_and_errors(tiny_folder, tmp_path, capsys):
                  "--no-pretrained", "--epochs", "1", "--set", "batch_size=8", "--out", str(tmp_path / "cli"),
                  "--no-progress", "--workers", "0"])
     assert code == 0
-    assert "validation accuracy:" in capsys.readouterr().out
+    assert "validation accuracy (also used for selection; no test split):" in capsys.readouterr().out
     summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
     assert summary["export"]["onnx"]["passed"]  # fit exports and parity-checks by default
     assert (tmp_path / "cli" / "export" / "model.onnx").is_file()
@@ -132,7 +139,7 @@ def test_console_script_flushes_everything_and_keeps_the_exit_code(tiny_folder, 
     done = subprocess.run([sys.executable, "-c", script, *fit, str(tmp_path / "atexit")], capture_output=True,
                           text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.rstrip().splitlines()[-1].startswith("validation accuracy:")
+    assert done.stdout.rstrip().splitlines()[-1].startswith("validation accuracy (")
     assert (tmp_path / "atexit").read_text() == "ran"
     assert json.loads((out / "summary.json").read_text())["export"]["onnx"]["passed"]
     assert (out / "report.md").is_file() and (out / "export" / "manifest.json").is_file()
@@ -178,3 +185,44 @@ def test_lp_ft_keeps_the_probed_model_when_no_fine_tuned_epoch_beats_it(tiny_fol
     classifier, _ = load_model(result.run_dir)  # the export holds the probed model too
     state = {k.removeprefix("classifier."): v for k, v in best["state_dict"].items() if k.startswith("classifier.")}
     assert all(torch.equal(v, state[k]) for k, v in classifier.state_dict().items())
+
+
+def test_a_test_split_is_the_headline_and_validation_only_selects(tmp_path, image_folder):
+    folder = image_folder(tmp_path / "data", per_class=8, split=True)
+    image_folder(folder / "test", per_class=4, seed=5)
+    result = _fit(folder, "small-similar", tmp_path)
+    summary = result.summary
+    assert result.headline_split == "test" and summary["headline"]["split"] == "test"
+    assert result.accuracy == result.test["acc"] == summary["test"]["acc"] and result.metrics is result.test
+    assert result.val == summary["val"] and summary["test_images"] == 12
+    report = (result.run_dir / "report.md").read_text()
+    assert "test (held out)" in report and "validation (used for selection)" in report
+
+
+def _overlapping_colours(root, counts, seed):
+    """Two classes whose colours overlap (each image's colour is its class colour plus a random shift), so
+    that the majority class wins every doubtful image unless the classes weigh the same in the loss."""
+    rng = np.random.default_rng(seed)
+    for name, base in (("warm", (150, 110, 90)), ("cool", (110, 120, 150))):
+        (root / name).mkdir(parents=True)
+        for i in range(counts[name]):
+            colour = np.array(base) + rng.normal(0, 45, 3)
+            pixels = np.clip(colour + rng.normal(0, 20, (40, 40, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+
+
+def test_imbalanced_probe_weighs_classes_and_selects_on_balanced_accuracy(tmp_path):
+    data = tmp_path / "data"
+    _overlapping_colours(data / "train", {"warm": 80, "cool": 8}, seed=0)  # 10:1
+    _overlapping_colours(data / "val", {"warm": 30, "cool": 30}, seed=1)
+    scores = {}
+    for balance in ("auto", "none"):
+        result = fit(data, "small-similar", model="test_efficientnet", pretrained=False, progress=False,
+                     out=tmp_path / balance, num_workers=0, export=None, overrides={"balance": balance})
+        scores[balance] = result.val["balanced_acc"]
+        summary = result.summary
+        weighted = balance == "auto"
+        assert summary["probe"]["class_weighted_loss"] == weighted
+        assert summary["probe"]["selected_on"] == ("val_balanced_acc" if weighted else "val_acc")
+        assert summary["balance"]["applied"]["probe"].startswith("class-weighted" if weighted else "unweighted")
+    assert scores["auto"] > scores["none"] + 0.05, scores

@@ -12,7 +12,6 @@ from finetune import recipes
 from finetune.model.classifier import Classifier
 from finetune.model.freezing import StagedFinetuning
 from finetune.model.module import TransferModule, make_metrics, warmup_cosine
-from finetune.train import _optim_config
 
 
 def loader(n=16, classes=3, size=64):
@@ -28,7 +27,7 @@ def train(recipe, epochs, callbacks=(), **trainer_kwargs):
     torch.manual_seed(0)
     model = Classifier(timm.create_model("test_efficientnet", pretrained=False, num_classes=3), 3,
                        head=recipe.head, head_stages=2)
-    module = TransferModule(model, _optim_config(recipe))
+    module = TransferModule(model, recipe)
     finetuning = StagedFinetuning(recipe.freeze_epochs, recipe.unfreeze_stages)
     options = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                    num_sanity_val_steps=0) | trainer_kwargs
