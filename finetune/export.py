@@ -75,7 +75,7 @@ def parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
     """``"safetensors,onnx"`` or a sequence -> format names of ``FORMATS``, in the given order, without repeats.
 
     ``torchscript`` and ``torch.export`` are accepted as aliases for ``pt2``, which writes a torch.export
-    ``.pt2`` archive, not TorchScript (``torch.jit`` is deprecated); every other name is ``pt2``."""
+    ``.pt2`` archive, not TorchScript (``torch.jit`` is deprecated); everywhere else the format is ``pt2``."""
     aliases = {"torchscript": "pt2", "torch.export": "pt2"}
     items = formats.split(",") if isinstance(formats, str) else list(formats)
     chosen: list[str] = []
