@@ -9,7 +9,7 @@ validation images before it is written.
       manifest.json       the input contract, every file with its sha256, and the parity figures
 
 The ONNX and torch.export graphs take images as a decoder gives them: uint8 RGB, NCHW, already resized and
-centre-cropped to the model's input size (``model_input`` does that), any batch size. They normalise
+centre-cropped to the model's input size (``serving.model_input`` does that), any batch size. They normalise
 inside, so a consumer needs no mean or std, and also return ``softmax(logits / temperature)``.
 
 Every format is written to a staging folder, loaded back the way a consumer would load it, and compared with
@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
-import io
 import json
 import logging
 import os
@@ -40,20 +38,21 @@ import numpy as np
 import safetensors.torch
 import timm
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import __version__, runs
 from .data import build_transforms, load_rgb, parse_data_config
-from .data.transforms import DataConfig, resize_center_crop
 from .errors import FinetuneError, ImageDecodeError, UsageError, first_line
+from .files import atomic_write_bytes, atomic_write_json, sha256_file
+from .model.surgery import fix_same_padding
+from .onnx_graph import TRACE_OPSET, check_against_eager, trace_onnx
 from .runtime import onnx_session, tune_allocator
+from .serving import ServingModel, load_pt2, model_input
 
 log = logging.getLogger("finetune")
 
-FORMATS = ("safetensors", "onnx", "pt2")
-FORMAT_ALIASES = {"torchscript": "pt2", "torch.export": "pt2"}  # torch.jit is deprecated in torch 2.14
-DEFAULT_FORMATS = ("safetensors", "onnx")
+FORMATS = ("safetensors", "onnx", "pt2")  # each named for what it writes: model.safetensors, .onnx, .pt2
+DEFAULT_FORMATS = ("safetensors", "onnx")  # what `fit` exports and `finetune export` writes unless told
 EXPORT_DIR = "export"
 ONNX_NAME = "model.onnx"
 PT2_NAME = "model.pt2"
@@ -72,73 +71,18 @@ class ExportError(FinetuneError):
     """An export could not be produced, or does not predict what the trained model predicts."""
 
 
-class ServingModel(nn.Module):
-    """A classifier behind the export contract: images as a decoder gives them -> (logits, probabilities).
-
-    ``images`` is (N, 3, H, W) at the model's input size, uint8 in [0, 255] or float in [0, 1]. The
-    normalisation (the backbone's mean and std) happens here, so every export carries it; probabilities are
-    ``softmax(logits / temperature)``.
-    """
-
-    def __init__(self, classifier: nn.Module, mean: Sequence[float], std: Sequence[float],
-                 temperature: float = 1.0) -> None:
-        super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature must be positive, got {temperature!r}")
-        self.classifier = classifier
-        self.register_buffer("shift", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255)
-        self.register_buffer("scale", 1 / (torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255))
-        self.temperature = float(temperature)
-
-    @classmethod
-    def from_config(cls, classifier: nn.Module, config: dict[str, Any]) -> ServingModel:
-        cfg = config["pretrained_cfg"]
-        return cls(classifier, cfg["mean"], cfg["std"], runs.temperature(config)).eval()
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # The dtype test is resolved when a graph is exported (from a uint8 example), and at run time in eager.
-        pixels = images.float() if images.dtype == torch.uint8 else images.float() * 255
-        logits = self.classifier((pixels - self.shift) * self.scale).float()
-        return logits, (logits / self.temperature).softmax(dim=1)
-
-
-def model_input(image: np.ndarray, cfg: DataConfig) -> np.ndarray:
-    """An (H, W, 3) uint8 RGB image -> the (3, h, w) uint8 array the exports take: timm's eval resize and
-    centre crop for the model's data config (``parse_data_config(runs.data_config(config))``)."""
-    fill = tuple(round(255 * m) for m in cfg.mean)  # timm pads 'border' crops with the mean colour
-    crop = resize_center_crop(image, cfg.size, cfg.crop_pct, cfg.crop_mode, cfg.interpolation, fill)
-    return np.ascontiguousarray(crop.transpose(2, 0, 1))
-
-
-@contextlib.contextmanager
-def _weights_only_torch_load() -> Iterator[None]:
-    """torch.export.load falls back to full unpickling for some payloads; forbid it while we load."""
-    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
-
-
-def load_pt2(path: str | Path) -> nn.Module:
-    """The module of a ``model.pt2`` export; every tensor payload is read with ``weights_only=True``."""
-    with _weights_only_torch_load(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return torch.export.load(str(path)).module()
-
-
 def parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
-    """``"safetensors,onnx"`` or a sequence -> canonical format names, in the given order, without repeats."""
+    """``"safetensors,onnx"`` or a sequence -> format names of ``FORMATS``, in the given order, without repeats.
+
+    ``torchscript`` and ``torch.export`` are accepted as aliases for ``pt2``, which writes a torch.export
+    ``.pt2`` archive, not TorchScript (``torch.jit`` is deprecated); everywhere else the format is ``pt2``."""
+    aliases = {"torchscript": "pt2", "torch.export": "pt2"}
     items = formats.split(",") if isinstance(formats, str) else list(formats)
     chosen: list[str] = []
     for item in filter(None, (i.strip() for i in items)):
-        name = FORMAT_ALIASES.get(item.lower(), item.lower())
+        name = aliases.get(item.lower(), item.lower())
         if name not in FORMATS:
-            known = ", ".join([*FORMATS, *FORMAT_ALIASES])
+            known = ", ".join([*FORMATS, *aliases])
             raise UsageError(f"unknown export format {item!r}; choose from {known}")
         if name not in chosen:
             chosen.append(name)
@@ -261,7 +205,7 @@ Written = tuple[list[str], Runner, dict[str, Any]]
 
 def _write_safetensors(classifier: nn.Module, config: dict[str, Any], staging: Path) -> Written:
     weights = safetensors.torch.save(runs.export_state_dict(classifier), metadata={"format": "pt"})
-    runs.atomic_write_bytes(staging / runs.WEIGHTS_NAME, weights)
+    atomic_write_bytes(staging / runs.WEIGHTS_NAME, weights)
     if config.get("finetune", {}).get("head", "linear") == "linear":
         # what a user without finetune does: plain timm, the hub config, the weights
         model = timm.create_model(config["architecture"], pretrained=False, num_classes=config["num_classes"])
@@ -296,81 +240,32 @@ def _write_onnx(classifier: nn.Module, config: dict[str, Any], staging: Path) ->
     model = onnx.load(str(path))
     onnx.helper.set_model_props(model, onnx_metadata(config))
     onnx.checker.check_model(model)
-    runs.atomic_write_bytes(path, model.SerializeToString())
+    atomic_write_bytes(path, model.SerializeToString())
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     return [ONNX_NAME], _onnx_runner(path), {"exporter": exporter, "opset": opset}
 
 
-class _FixedPadConv(nn.Module):
-    """timm's ``Conv2dSame`` (TensorFlow "same" padding, computed from the input's size at every call) with
-    the padding of one known input size fixed, so that an exported graph holds constants instead of shape
-    arithmetic. Shares the convolution's parameters."""
-
-    def __init__(self, conv: nn.Conv2d, pads: tuple[int, int, int, int]) -> None:
-        super().__init__()
-        self.conv = conv
-        self.pads = pads  # left, right, top, bottom, as F.pad takes them
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.conv
-        return F.conv2d(F.pad(x, self.pads), c.weight, c.bias, c.stride, 0, c.dilation, c.groups)
-
-
-def fix_same_padding(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """Replace every ``Conv2dSame`` of ``model`` (in place) by a ``_FixedPadConv`` for the input size of
-    ``example``. Only valid for that input size, which is what an export with a fixed image size needs."""
-    from timm.layers import Conv2dSame
-    from timm.layers.padding import get_same_padding
-
-    sizes: dict[str, tuple[int, int]] = {}
-
-    def record(name: str) -> Callable:
-        def hook(_: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            sizes.setdefault(name, tuple(args[0].shape[-2:]))
-        return hook
-
-    hooks = [m.register_forward_pre_hook(record(name)) for name, m in model.named_modules()
-             if isinstance(m, Conv2dSame)]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    for name, (h, w) in sizes.items():
-        parent, _, attr = name.rpartition(".")
-        conv = model.get_submodule(name)
-        ph = get_same_padding(h, conv.kernel_size[0], conv.stride[0], conv.dilation[0])
-        pw = get_same_padding(w, conv.kernel_size[1], conv.stride[1], conv.dilation[1])
-        fixed = _FixedPadConv(conv, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
-        setattr(model.get_submodule(parent) if parent else model, attr, fixed)
-    return model
-
-
 def _onnx_traced(serving: nn.Module, example: torch.Tensor, path: Path) -> str:
-    """The quick path: the TorchScript-based exporter (0.5 s for lite0, against 9.5 s for the dynamo exporter)
-    on a copy of the model with fixed TF-"same" padding, then onnxscript's optimizer. Its graph ran within 5%
-    of the dynamo exporter's in onnxruntime (medians of 7 rounds at batch 1 and 16). Raises if the graph
-    still computes shapes at run time (a module ``fix_same_padding`` does not know) or if it differs from
-    the eager model at batch sizes 1 and 3; the caller then uses the dynamo exporter."""
+    """The quick path: the TorchScript-based exporter (much quicker than the dynamo exporter, and its graph
+    runs about as fast) on a copy of the model with fixed TF-"same" padding, then onnxscript's optimizer.
+    Raises if the graph still computes shapes at run time (a module ``fix_same_padding`` does not know) or
+    if it differs from the eager model at batch sizes 1 and 3; the caller then uses the dynamo exporter."""
     import onnx
-    import onnxscript.optimizer
 
-    traced = _torchscript_onnx(fix_same_padding(copy.deepcopy(serving), example), example, ONNX_OPSET)
-    graph = onnxscript.optimizer.optimize(onnx.load_from_string(traced))
-    computed = sorted({n.op_type for n in graph.graph.node if n.op_type in ("Shape", "Size")})
+    fixed = fix_same_padding(copy.deepcopy(serving), example)
+    graph = trace_onnx(fixed, example, INPUT_NAME, OUTPUT_NAMES, opset=ONNX_OPSET, dynamic_batch=True, optimize=True)
+    computed = sorted({n.op_type for n in onnx.load_from_string(graph).graph.node if n.op_type in ("Shape", "Size")})
     if computed:
         raise ValueError(f"the traced graph still computes shapes at run time ({', '.join(computed)})")
-    session = onnx_session(graph.SerializeToString())
+    session = onnx_session(graph)
     g = torch.Generator().manual_seed(0)
     for n in (1, 3):
         batch = torch.randint(0, 256, (n, *example.shape[1:]), generator=g, dtype=torch.uint8)
         with torch.no_grad():
             want = serving(batch)[1].numpy()
-        got = session.run([OUTPUT_NAMES[1]], {INPUT_NAME: batch.numpy()})[0]
-        if got.shape != want.shape or not np.allclose(got, want, atol=MAX_PROB_DIFF, rtol=0):
-            raise ValueError(f"the traced graph differs from the eager model at batch size {n}")
-    runs.atomic_write_bytes(path, graph.SerializeToString())
+        got = session.run([OUTPUT_NAMES[1]], {INPUT_NAME: batch.numpy()})
+        check_against_eager(got, [want], atol=MAX_PROB_DIFF, inputs=f"a random batch of {n}")
+    atomic_write_bytes(path, graph)
     return "torch.onnx.export (TorchScript-based, fixed TF padding) + onnxscript optimizer"
 
 
@@ -385,19 +280,9 @@ def _onnx_dynamo(serving: nn.Module, example: torch.Tensor, path: Path) -> str:
     return "torch.onnx.export (dynamo)"
 
 
-def _torchscript_onnx(model: nn.Module, example: torch.Tensor, opset: int) -> bytes:
-    """``model`` traced by torch's TorchScript-based ONNX exporter, with a dynamic batch axis."""
-    buffer = io.BytesIO()
-    axes = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
-        torch.onnx.export(model, (example,), buffer, dynamo=False, input_names=[INPUT_NAME],
-                          output_names=list(OUTPUT_NAMES), dynamic_axes=axes, opset_version=opset)
-    return buffer.getvalue()
-
-
 def _onnx_legacy(serving: nn.Module, example: torch.Tensor, path: Path) -> str:
-    runs.atomic_write_bytes(path, _torchscript_onnx(serving, example, 17))
+    atomic_write_bytes(path, trace_onnx(serving, example, INPUT_NAME, OUTPUT_NAMES, opset=TRACE_OPSET,
+                                        dynamic_batch=True))
     return "torch.onnx.export (TorchScript-based)"
 
 
@@ -475,7 +360,7 @@ def export_run(
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
     try:
-        runs.write_json(staging / runs.CONFIG_NAME, config)
+        atomic_write_json(staging / runs.CONFIG_NAME, config)
         for fmt in chosen:
             t0 = time.perf_counter()
             files, run, details = WRITERS[fmt](classifier, config, staging)
@@ -493,7 +378,7 @@ def export_run(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     manifest["seconds"] = round(time.perf_counter() - started, 2)
-    runs.write_json(out / MANIFEST_NAME, manifest)
+    atomic_write_json(out / MANIFEST_NAME, manifest)
     return manifest
 
 
@@ -527,11 +412,7 @@ def _manifest(run_dir: Path, config: dict[str, Any], sample: CheckImages) -> dic
 
 
 def _file_entry(path: Path) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def _describe(figures: dict[str, Any]) -> str:

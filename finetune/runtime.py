@@ -38,8 +38,8 @@ def cpu_has_bf16() -> bool:
 
 
 def choose_precision(requested: str = "auto", accelerator: str | None = None) -> Precision:
-    """bf16 autocast + channels_last where the hardware has bf16 (measured ~1.8x faster training on an
-    AVX-512 BF16 CPU), fp32 otherwise; ``requested`` overrides."""
+    """bf16 autocast + channels_last where the hardware has bf16 (faster training, docs/benchmarks.md), fp32
+    otherwise; ``requested`` overrides."""
     if requested not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {requested!r}")
     cuda = (accelerator in (None, "auto", "gpu", "cuda")) and torch.cuda.is_available()
@@ -67,8 +67,8 @@ def tune_allocator() -> bool:
     """Stop glibc from unmapping and remapping large activation buffers on every pass.
 
     glibc serves allocations over its mmap threshold with fresh mappings and returns them to the kernel when
-    freed, so each forward/backward pays page faults on hundreds of MB (measured here: eval of
-    tf_efficientnet_lite0 23 -> 73 img/s with the fix). Same effect as the environment variables
+    freed, so each forward/backward pays page faults on hundreds of MB (docs/benchmarks.md has the measured
+    effect and its command). Same effect as the environment variables
     MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736, applied in-process. Numerics are unchanged.
     Returns True when applied (glibc only).
     """

@@ -19,7 +19,9 @@ from imagefolders import make_image_folder
 from finetune import export, runs
 from finetune.cli import main
 from finetune.errors import UsageError
-from finetune.export import ExportError, export_run, parse_formats
+from finetune.export import DEFAULT_FORMATS, FORMATS, ExportError, export_run, parse_formats
+from finetune.model.surgery import FixedPadConv, fix_same_padding
+from finetune.serving import ServingModel, load_pt2
 from finetune.train import fit
 
 ALL = ("safetensors", "onnx", "pt2")
@@ -123,7 +125,7 @@ def test_the_temperature_is_inside_every_export(exported):
     batch = np.random.default_rng(1).integers(0, 256, (2, 3, 160, 160), dtype=np.uint8)
     logits, probs = export.onnx_session(out / "model.onnx").run(None, {"images": batch})
     assert np.allclose(probs, torch.from_numpy(logits / TEMPERATURE).softmax(1).numpy(), atol=1e-6)
-    pt2_logits, pt2_probs = export.load_pt2(out / "model.pt2")(torch.from_numpy(batch))
+    pt2_logits, pt2_probs = load_pt2(out / "model.pt2")(torch.from_numpy(batch))
     assert np.allclose(pt2_probs.detach().numpy(), probs, atol=1e-5)
     assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ  # set only while loading
 
@@ -172,7 +174,9 @@ def test_parity_images_can_be_given_when_the_data_has_moved(runs_by_head, tmp_pa
 
 
 def test_parse_formats():
-    assert parse_formats("onnx, torchscript,ONNX") == ("onnx", "pt2")
+    assert parse_formats("onnx, torchscript,ONNX") == ("onnx", "pt2")  # torchscript: an alias, writes .pt2
+    assert parse_formats("torch.export") == ("pt2",)
+    assert parse_formats(",".join(DEFAULT_FORMATS)) == DEFAULT_FORMATS and set(DEFAULT_FORMATS) <= set(FORMATS)
     assert parse_formats(["safetensors"]) == ("safetensors",)
     with pytest.raises(UsageError, match="unknown export format 'tflite'"):
         parse_formats("onnx,tflite")
@@ -290,14 +294,14 @@ def test_fixed_same_padding_computes_what_conv2d_same_computes():
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         want = classifier(x)
-        fixed = export.fix_same_padding(classifier, x)
+        fixed = fix_same_padding(classifier, x)
         calls = []  # Conv2dSame.forward (padding computed from the shape) must no longer run
         hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in same]
         got = fixed(x)
     for hook in hooks:
         hook.remove()
     assert same and not calls
-    assert sum(isinstance(m, export._FixedPadConv) for m in fixed.modules()) == len(same)
+    assert sum(isinstance(m, FixedPadConv) for m in fixed.modules()) == len(same)
     assert torch.allclose(got, want, atol=1e-5)
 
 
@@ -313,7 +317,7 @@ def test_onnx_export_takes_the_quick_path_and_falls_back_to_dynamo(tmp_path, mon
     assert not {n.op_type for n in graph.graph.node} & {"Shape", "Size"}  # no shape arithmetic at run time
     batch = np.random.default_rng(0).integers(0, 256, (5, 3, 96, 96), dtype=np.uint8)
     with torch.no_grad():
-        want = export.ServingModel.from_config(classifier, config)(torch.from_numpy(batch))[0].numpy()
+        want = ServingModel.from_config(classifier, config)(torch.from_numpy(batch))[0].numpy()
     assert np.allclose(run(batch)[0], want, atol=1e-4)
     # A graph that still computes its padding from the input's shape is not taken: the dynamo exporter is.
     monkeypatch.setattr(export, "fix_same_padding", lambda model, example: model)

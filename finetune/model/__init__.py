@@ -1,12 +1,11 @@
 """Models: timm backbones with offline ImageNet weights."""
 
-from finetune.model.backbones import (
+from finetune.model.backbones import create_backbone, list_offline_backbones
+from finetune.model.offline_sources import (
     OFFLINE_SOURCES,
     OfflineSource,
     WeightsUnavailableError,
-    create_backbone,
     download_offline_weights,
-    list_offline_backbones,
     offline_weights,
     weights_cache_dir,
 )

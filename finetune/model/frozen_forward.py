@@ -1,25 +1,22 @@
 """Running a frozen network over a data set as fast as the hardware allows.
 
 A frozen backbone is pure inference: eval mode, no gradient, the same weights for every batch. On a CPU,
-onnxruntime runs that much faster than eager PyTorch (fused Conv+BatchNorm+activation, NCHWc blocked layouts):
-measured on tf_efficientnet_lite0's multi-stage features on 2 cores of an AVX2 CPU in fp32, 85.5 against 14.3
-images/s (``scripts/bench_train.py``, part ``frozen_forward``; ``bench/train-avx2.json``). So the one-off
-passes of ``fit`` (the domain-gap measurement, the cached features of frozen phases) trace the module into an
-in-memory ONNX graph with torch's TorchScript-based exporter (1-2 s; the dynamo exporter takes 17 s for the
-same graph), run it in onnxruntime, and check it against the eager module; on any failure they fall back to
-eager PyTorch with a warning. On a GPU, eager PyTorch (with autocast where chosen) is used.
+onnxruntime runs that much faster than eager PyTorch (fused Conv+BatchNorm+activation, NCHWc blocked layouts;
+``scripts/bench_train.py``, part ``frozen_forward``, measures it). So the one-off passes of ``fit`` (the
+domain-gap measurement, the cached features of frozen phases) trace the module into an in-memory ONNX graph
+(``onnx_graph.trace_onnx``: the TorchScript-based exporter, much quicker than the dynamo one), run it in
+onnxruntime, and check it against the eager module; on any failure they fall back to eager PyTorch with a
+warning. On a GPU, eager PyTorch (with autocast where chosen) is used.
 
 The graph has a fixed batch size (``GRAPH_BATCH``); batches are cut into pieces of that size and the last
 one is padded. Fixed shapes let onnxruntime fold every shape computation (TensorFlow-style "same" padding
-computes its pads from the input shape) and lay the whole network out in NCHWc blocks: 1.8x the throughput
-of the same graph with a dynamic batch axis.
+computes its pads from the input shape) and lay the whole network out in NCHWc blocks, which runs faster
+than the same graph with a dynamic batch axis.
 """
 
 from __future__ import annotations
 
-import io
 import logging
-import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -29,46 +26,50 @@ import torch
 from torch import nn
 
 from ..errors import first_line
+from ..onnx_graph import check_against_eager, trace_onnx
 from ..runtime import onnx_session, usable_cpus
 
 log = logging.getLogger("finetune")
 
-BACKENDS = ("auto", "onnx", "torch")
+ENGINE_CHOICES = ("auto", "onnx", "torch")  # what --feature-backend accepts
 # Trace and ONNX agree to float32 rounding on the check batch; a graph that drifts further is not used.
 MAX_ABS_DIFF = 1e-3
 MAX_REL_DIFF = 1e-3
-GRAPH_BATCH = 8  # images per graph run; 4-8 were fastest on lite0 (110 and 102 img/s; 1: 92, 16: 87, 32: 108)
+GRAPH_BATCH = 8  # images per graph run: the fastest of the sizes measured (docs/benchmarks.md)
 
 Forward = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
 
 
 @dataclass(frozen=True)
-class Backend:
-    name: str  # "onnx" or "torch"
+class FrozenEngine:
+    """What runs the frozen passes, and why it was chosen."""
+
+    name: str  # "onnx" (onnxruntime) or "torch" (eager PyTorch)
     reason: str
 
 
-def choose_backend(requested: str = "auto", device: str = "cpu") -> Backend:
-    """``auto``: onnxruntime on the CPU when it is installed, eager PyTorch on a GPU."""
-    if requested not in BACKENDS:
-        raise ValueError(f"feature backend must be one of {BACKENDS}, got {requested!r}")
+def choose_backend(requested: str = "auto", device: str = "cpu") -> FrozenEngine:
+    """The engine of the frozen passes for ``--feature-backend``. ``auto``: onnxruntime on the CPU when it is
+    installed, eager PyTorch on a GPU."""
+    if requested not in ENGINE_CHOICES:
+        raise ValueError(f"feature backend must be one of {ENGINE_CHOICES}, got {requested!r}")
     if requested == "torch":
-        return Backend("torch", "torch requested")
+        return FrozenEngine("torch", "torch requested")
     if torch.device(device).type != "cpu":
         if requested == "onnx":
             raise ValueError(f"the onnx feature backend runs on the CPU only; the model is on {device}")
-        return Backend("torch", f"eager PyTorch on {device}")
+        return FrozenEngine("torch", f"eager PyTorch on {device}")
     if find_spec("onnxruntime") is None:
         if requested == "onnx":
             raise ValueError("the onnx feature backend needs onnxruntime: pip install onnxruntime")
-        return Backend("torch", "eager PyTorch (onnxruntime is not installed)")
-    return Backend("onnx", "onnx requested" if requested == "onnx" else "onnxruntime on the CPU")
+        return FrozenEngine("torch", "eager PyTorch (onnxruntime is not installed)")
+    return FrozenEngine("onnx", "onnx requested" if requested == "onnx" else "onnxruntime on the CPU")
 
 
 def loader_workers(backend: str, default: int) -> int:
     """Loader processes to feed a frozen pass. onnxruntime computes on every core; on 2 cores or fewer a
-    loader process competing with it for them cost more than decoding in the main process between graph
-    runs (lite0 on Fashion-MNIST, 2 cores: 75 against 96 images/s)."""
+    loader process competing with it for them measured slower than decoding in the main process between
+    graph runs (docs/benchmarks.md)."""
     return 0 if backend == "onnx" and usable_cpus() <= 2 else default
 
 
@@ -141,12 +142,8 @@ def _onnx_forward(module: nn.Module, example: torch.Tensor) -> Forward:
     with torch.inference_mode():
         expected = [o.float() for o in _as_tuple(module(check))]
     outputs = [f"out{i}" for i in range(len(expected))]
-    buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
-        torch.onnx.export(module, (traced,), buffer, dynamo=False, input_names=["images"], output_names=outputs,
-                          opset_version=17)
-    session = onnx_session(buffer.getvalue(), spinning=False)  # the cores decode the next batch meanwhile
+    graph = trace_onnx(module, traced, "images", outputs)
+    session = onnx_session(graph, spinning=False)  # the cores decode the next batch meanwhile
 
     def run_graph(array) -> list:
         return session.run(outputs, {"images": array})
@@ -163,10 +160,5 @@ def _onnx_forward(module: nn.Module, example: torch.Tensor) -> Forward:
                 pieces[i].append(torch.from_numpy(out[:n]))
         return tuple(torch.cat(p) for p in pieces)
 
-    for got, want in zip(run(check), expected, strict=True):
-        if got.shape != want.shape:
-            raise ValueError(f"the ONNX graph gives shape {tuple(got.shape)}, eager {tuple(want.shape)}")
-        diff = (got - want).abs().max().item()
-        if diff > MAX_ABS_DIFF + MAX_REL_DIFF * want.abs().max().item():
-            raise ValueError(f"the ONNX graph differs from the eager module by {diff:.2e} on the check images")
+    check_against_eager(run(check), expected, atol=MAX_ABS_DIFF, rtol=MAX_REL_DIFF, inputs="the check images")
     return run
