@@ -15,16 +15,10 @@ from typing import Any
 
 from . import recipes
 from .errors import RecipeError, UsageError
+from .formats import CONFIG_NAME, WEIGHTS_NAME, parse_formats
 
 MAX_SEED = 2**32 - 1  # numpy's and Lightning's seed range
 MAX_PROCESSES = 1024  # workers and threads: more is a typo, not a machine
-# What the run and export folders hold; the same names as runs.CONFIG_NAME / runs.WEIGHTS_NAME / export.ONNX_NAME
-# (tests/test_cli.py checks), repeated here so that checking a path does not import torch.
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-# export.FORMATS and export.FORMAT_ALIASES, for the same reason (tests/test_cli.py checks they agree).
-EXPORT_FORMATS = ("safetensors", "onnx", "pt2")
-EXPORT_ALIASES = {"torchscript": "pt2", "torch.export": "pt2"}
 
 
 def _text(value: Any) -> str:
@@ -106,18 +100,8 @@ def choice(name: str, value: Any, allowed: Sequence[str]) -> str:
 
 
 def export_formats(name: str, value: str | Sequence[str]) -> tuple[str, ...]:
-    """``"safetensors,onnx"`` -> canonical format names, as `finetune.export.parse_formats` reads them."""
-    items = value.split(",") if isinstance(value, str) else list(value)
-    chosen: list[str] = []
-    for item in filter(None, (str(i).strip() for i in items)):
-        canonical = EXPORT_ALIASES.get(item.lower(), item.lower())
-        if canonical not in EXPORT_FORMATS:
-            raise _fail(name, value, f"unknown export format {item!r}",
-                        f"choose from {', '.join(EXPORT_FORMATS)} (torchscript is an alias of pt2)")
-        chosen.append(canonical)
-    if not chosen:
-        raise _fail(name, value, "no export format given", f"choose from {', '.join(EXPORT_FORMATS)}")
-    return tuple(dict.fromkeys(chosen))
+    """``"safetensors,onnx"`` -> canonical format names, as `finetune.export` reads them."""
+    return parse_formats(value, option=name)
 
 
 # --- paths --------------------------------------------------------------------------------------------------

@@ -44,6 +44,18 @@ from . import __version__, runs
 from .data import build_transforms, load_rgb, parse_data_config
 from .errors import FinetuneError, ImageDecodeError, UsageError, first_line
 from .files import atomic_write_bytes, atomic_write_json, sha256_file
+from .formats import (  # noqa: F401 - export.DEFAULT_FORMATS etc. are part of its API
+    DEFAULT_FORMATS,
+    EXPORT_DIR,
+    FORMAT_ALIASES,
+    FORMATS,
+    INPUT_NAME,
+    MANIFEST_NAME,
+    ONNX_NAME,
+    OUTPUT_NAMES,
+    PT2_NAME,
+    parse_formats,
+)
 from .model.surgery import fix_same_padding
 from .onnx_graph import TRACE_OPSET, check_against_eager, trace_onnx
 from .runtime import onnx_session, tune_allocator
@@ -51,14 +63,6 @@ from .serving import ServingModel, load_pt2, model_input
 
 log = logging.getLogger("finetune")
 
-FORMATS = ("safetensors", "onnx", "pt2")  # each named for what it writes: model.safetensors, .onnx, .pt2
-DEFAULT_FORMATS = ("safetensors", "onnx")  # what `fit` exports and `finetune export` writes unless told
-EXPORT_DIR = "export"
-ONNX_NAME = "model.onnx"
-PT2_NAME = "model.pt2"
-MANIFEST_NAME = "manifest.json"
-INPUT_NAME = "images"
-OUTPUT_NAMES = ("logits", "probabilities")
 ONNX_OPSET = 18
 PARITY_BATCH_SIZES = (1, 7)
 PARITY_IMAGES = 14
@@ -69,26 +73,6 @@ Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 class ExportError(FinetuneError):
     """An export could not be produced, or does not predict what the trained model predicts."""
-
-
-def parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
-    """``"safetensors,onnx"`` or a sequence -> format names of ``FORMATS``, in the given order, without repeats.
-
-    ``torchscript`` and ``torch.export`` are accepted as aliases for ``pt2``, which writes a torch.export
-    ``.pt2`` archive, not TorchScript (``torch.jit`` is deprecated); everywhere else the format is ``pt2``."""
-    aliases = {"torchscript": "pt2", "torch.export": "pt2"}
-    items = formats.split(",") if isinstance(formats, str) else list(formats)
-    chosen: list[str] = []
-    for item in filter(None, (i.strip() for i in items)):
-        name = aliases.get(item.lower(), item.lower())
-        if name not in FORMATS:
-            known = ", ".join([*FORMATS, *aliases])
-            raise UsageError(f"unknown export format {item!r}; choose from {known}")
-        if name not in chosen:
-            chosen.append(name)
-    if not chosen:
-        raise UsageError("no export format given; choose from " + ", ".join(FORMATS))
-    return tuple(chosen)
 
 
 # --- the images of the parity check ----------------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from . import export, runs
+from . import formats, runs, serving
 from .data import load_rgb, parse_data_config
 from .data.paths import walk_images
 from .errors import ImageDecodeError, UsageError
@@ -67,12 +67,12 @@ class Runner(Protocol):
 
 class OnnxRunner:
     def __init__(self, path: Path, threads: int | None = None) -> None:
-        self.name = "onnxruntime"
+        self.name = "onnx"  # the engine name used everywhere: --backend onnx, --feature-backend onnx
         self.path = path
         self.session = onnx_session(path, threads)
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        return self.session.run([export.OUTPUT_NAMES[1]], {export.INPUT_NAME: pixels})[0]
+        return self.session.run([formats.OUTPUT_NAMES[1]], {formats.INPUT_NAME: pixels})[0]
 
     def config(self) -> dict[str, Any] | None:
         """The hub config that `finetune export` put into the model's metadata, if any."""
@@ -109,14 +109,9 @@ class Predictor:
         return (f"Predictor({self.source}, {self.config['architecture']}, {len(self.labels)} classes, "
                 f"backend={self.runner.name})")
 
-    @property
-    def backend(self) -> Runner:
-        """The old name of ``runner`` (finetune/cli.py and the README still use it)."""
-        return self.runner
-
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 RGB -> (3, h, w) uint8 at the model's input size (eval resize + centre crop)."""
-        return export.model_input(image, self.data_config)
+        return serving.model_input(image, self.data_config)
 
     def probabilities(self, pixels: np.ndarray, tta: bool = False) -> np.ndarray:
         """Calibrated class probabilities for a (N, 3, h, w) uint8 batch; ``tta`` averages in the mirror image."""
@@ -256,7 +251,7 @@ def load(path: str | os.PathLike[str], backend: str = "auto", threads: int | Non
         raise UsageError(f"model {path} not found: give a run folder, an export folder or a .onnx file")
     if (path / runs.CONFIG_NAME).is_file():
         _read_config(path)  # the folder's format version, checked before any model file is read
-    onnx_file = next((p for p in (path / export.ONNX_NAME, path / export.EXPORT_DIR / export.ONNX_NAME)
+    onnx_file = next((p for p in (path / formats.ONNX_NAME, path / formats.EXPORT_DIR / formats.ONNX_NAME)
                       if p.is_file()), None)
     if backend in ("auto", "onnx") and onnx_file is not None:
         return _onnx_predictor(onnx_file, threads)
@@ -277,12 +272,12 @@ def _torch_predictor(folder: Path, threads: int | None) -> Predictor:
         torch.set_num_threads(threads)
     if (folder / runs.WEIGHTS_NAME).is_file():
         classifier, config = runs.load_model(folder)
-        model = export.ServingModel.from_config(classifier, config)
-    elif (folder / export.PT2_NAME).is_file():
+        model = serving.ServingModel.from_config(classifier, config)
+    elif (folder / formats.PT2_NAME).is_file():
         config = _read_config(folder)
-        model = export.load_pt2(folder / export.PT2_NAME)
+        model = serving.load_pt2(folder / formats.PT2_NAME)
     else:
-        raise UsageError(f"{folder} has no model ({runs.WEIGHTS_NAME}, {export.ONNX_NAME} or {export.PT2_NAME}): "
+        raise UsageError(f"{folder} has no model ({runs.WEIGHTS_NAME}, {formats.ONNX_NAME} or {formats.PT2_NAME}): "
                          "give a run folder written by `finetune fit` or an export folder")
     return Predictor(TorchRunner(model), config, folder)
 
@@ -293,17 +288,3 @@ def _read_config(folder: Path) -> dict[str, Any]:
         return runs.check_format(json.loads(path.read_text()), path)
     except FileNotFoundError:
         raise UsageError(f"{path} not found: a model needs its config.json (labels, input size)") from None
-
-
-# Old names, kept while code outside this room moves to the new ones (scripts/bench_predict.py, finetune/cli.py,
-# tests/test_export.py); remove them then.
-OnnxBackend = OnnxRunner
-TorchBackend = TorchRunner
-
-
-def __getattr__(name: str) -> Any:
-    if name == "evaluate":  # moved to finetune.evaluate
-        from .evaluate import evaluate
-
-        return evaluate
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

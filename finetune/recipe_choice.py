@@ -34,9 +34,8 @@ from .recipes import Recipe
 from .runtime import Precision, choose_precision
 
 DOMAINS = ("auto", "similar", "different")
-# One forward pass over this many training images (all classes) measures the gap. On Fashion-MNIST, 4 seeds
-# gave 0.352-0.365 with 128 images and 0.351-0.356 with 256, both a factor of 2 above the threshold; 128 take
-# 3.5 s against 6.5 s (tf_efficientnet_lite0, onnxruntime, 2 cores).
+# One forward pass over this many training images (all classes) measures the gap: as decisive as 256 at about
+# half the cost (docs/benchmarks.md, "Domain gap").
 DOMAIN_SAMPLE_IMAGES = 128
 
 

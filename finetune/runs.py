@@ -30,19 +30,13 @@ from . import __version__
 from .data import DatasetSplits
 from .errors import FinetuneError, UsageError
 from .files import atomic_write_bytes, atomic_write_json
+from .formats import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME  # noqa: F401
 from .model.classifier import Classifier
 from .model.domain import DomainGap
 from .phases.outcome import Outcome
 from .plots import plot_probe_sweep
 from .recipes import Recipe
 from .runtime import Precision
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-# The layout of config.json and of the run and export folders; bump it when a folder written by this code
-# could not be read by older code, and keep older folders loading (tests/test_formats.py). Folders written
-# before there was a version have no "format" key and the layout of version 1.
-FORMAT_VERSION = 1
 
 
 class FormatVersionError(FinetuneError):

@@ -30,9 +30,9 @@ import onnxruntime as ort
 import torch
 
 from finetune import export, runs
-from finetune.export import ServingModel
-from finetune.predict import OnnxBackend, TorchBackend, find_images, load
+from finetune.predict import OnnxRunner, TorchRunner, find_images, load
 from finetune.runtime import cpu_has_bf16, tune_allocator, usable_cpus
+from finetune.serving import ServingModel
 
 TARGET_RATIO = 1.3
 # The thread pools of onnxruntime and torch spin for a while after a call; measured here, a torch call right
@@ -55,11 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     backends: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-        "onnxruntime": OnnxBackend(onnx_path),
-        "torch_fp32": TorchBackend(ServingModel.from_config(classifier, config)),
+        "onnxruntime": OnnxRunner(onnx_path),
+        "torch_fp32": TorchRunner(ServingModel.from_config(classifier, config)),
     }
     bf16_model = ServingModel.from_config(runs.load_model(model_dir)[0], config).to(memory_format=torch.channels_last)
-    backends["torch_bf16"] = TorchBackend(bf16_model, autocast=torch.bfloat16)
+    backends["torch_bf16"] = TorchRunner(bf16_model, autocast=torch.bfloat16)
     report["torch_bf16_note"] = ("native bf16 (AVX-512 BF16 / AMX), autocast + channels_last" if cpu_has_bf16()
                                  else "no native bf16 on this CPU: emulated, expected slower than fp32")
     report["results"] = {f"batch_{bs}": _compare(backends, pixels[:bs], args.repeats, args.min_seconds)
@@ -177,7 +177,7 @@ def _torch_variants(model_dir: Path) -> dict[str, Callable]:
     """torch's two OpenMP threads wait for each other at every operator; on a loaded machine one thread can be
     faster. And denormal floats are slow on x86 unless flushed to zero."""
     classifier, config = runs.load_model(model_dir)
-    fp32 = TorchBackend(ServingModel.from_config(classifier, config))
+    fp32 = TorchRunner(ServingModel.from_config(classifier, config))
 
     def with_threads(threads: int, flush_denormal: bool = False) -> Callable:
         def run(pixels: np.ndarray) -> np.ndarray:

@@ -278,7 +278,7 @@ def reference_backbone(main_python: Path) -> tuple[Path, float, int, dict]:
     code = (
         "import json, sys, timm, torch, finetune\n"
         "sys.path.insert(0, 'scripts'); from compare_fastai import state_checksum\n"
-        "from finetune.model.backbones import offline_weights\n"
+        "from finetune.model.offline_sources import offline_weights\n"
         f"m = finetune.create_backbone({ARCH!r}, pretrained=True, num_classes=0)\n"
         f"print(json.dumps([str(offline_weights({ARCH!r})), state_checksum(m), torch.get_num_threads(),\n"
         "  {'finetune': finetune.__version__, 'torch': torch.__version__, 'timm': timm.__version__,\n"

@@ -43,14 +43,6 @@ def test_export_formats_are_named_for_what_they_write():
     assert "pt2" in export_help and "alias of pt2" in export_help
 
 
-def test_file_names_and_formats_agree_with_the_rooms_that_write_them():
-    from finetune import export, runs
-
-    assert (arguments.CONFIG_NAME, arguments.WEIGHTS_NAME) == (runs.CONFIG_NAME, runs.WEIGHTS_NAME)
-    assert arguments.EXPORT_FORMATS == export.FORMATS and arguments.EXPORT_ALIASES == export.FORMAT_ALIASES
-    assert arguments.export_formats("--format", "torchscript,onnx") == export.parse_formats("torchscript,onnx")
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("cli") / "data", classes=2, per_class=2, size=8)

@@ -21,8 +21,10 @@ from hypothesis import strategies as st
 from imagefolders import make_image_folder
 
 from finetune import recipes
-from finetune.arguments import EXPORT_ALIASES, EXPORT_FORMATS, MAX_PROCESSES, MAX_SEED
+from finetune.arguments import MAX_PROCESSES, MAX_SEED
 from finetune.cli import main
+from finetune.formats import FORMAT_ALIASES as EXPORT_ALIASES
+from finetune.formats import FORMATS as EXPORT_FORMATS
 
 # 1 s per example: a rejection takes milliseconds; anything that imports torch or builds a model takes seconds.
 FUZZ = settings(deadline=1000, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -207,7 +207,7 @@ def test_done_when_on_fashion_mnist_with_lite0(tmp_path, capsys):
     """The issue's acceptance check on the real backbone: export, parity, plain timm, predict, evaluate."""
     from finetune.calibration import collect_logits
     from finetune.data import ImageFolderDataModule, scan_image_folder
-    from finetune.predict import evaluate
+    from finetune.evaluate import evaluate
 
     data = tmp_path / "fashion-mnist"
     try:

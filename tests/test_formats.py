@@ -56,8 +56,8 @@ def test_the_fixture_predates_format_versions():
 
 
 @pytest.mark.parametrize(("where", "backend", "runner"), [
-    ("", "auto", "onnxruntime"), ("", "torch", "torch"), ("export", "auto", "onnxruntime"),
-    ("export/model.onnx", "auto", "onnxruntime")])
+    ("", "auto", "onnx"), ("", "torch", "torch"), ("export", "auto", "onnx"),
+    ("export/model.onnx", "auto", "onnx")])
 def test_an_old_run_and_its_export_predict(run_v0, images, where, backend, runner):
     predictor = load(run_v0 / where, backend)
     assert predictor.runner.name == runner and predictor.labels == LABELS

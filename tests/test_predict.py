@@ -54,9 +54,9 @@ def mixed(val_dir, tmp_path) -> Path:
 
 
 def test_load_chooses_the_backend(run):
-    assert load(run).runner.name == "onnxruntime"  # the run's export/model.onnx
+    assert load(run).runner.name == "onnx"  # the run's export/model.onnx
     assert load(run, backend="torch").runner.name == "torch"
-    assert load(run / "export" / "model.onnx").runner.name == "onnxruntime"
+    assert load(run / "export" / "model.onnx").runner.name == "onnx"
     assert load(run / "export", backend="torch").runner.name == "torch"
     assert finetune.load is load
     predictor = load(run)
@@ -229,12 +229,4 @@ def test_cli_evaluate(run, val_dir, tmp_path, capsys):
 
 
 def test_predictor_repr_names_the_backend(run):
-    assert "onnxruntime" in repr(load(run)) and isinstance(load(run), Predictor)
-
-
-def test_old_names_still_work():
-    """Kept until finetune/cli.py, tests/test_export.py and scripts/bench_predict.py use the new ones."""
-    import finetune.predict as predict
-
-    assert predict.evaluate is evaluate
-    assert predict.OnnxBackend is predict.OnnxRunner and predict.TorchBackend is predict.TorchRunner
+    assert "backend=onnx" in repr(load(run)) and isinstance(load(run), Predictor)

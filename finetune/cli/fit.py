@@ -12,6 +12,7 @@ from rich.table import Table
 
 from ..arguments import check_fit_arguments
 from ..errors import UsageError
+from ..formats import DEFAULT_FORMATS
 
 # fit()'s parameters as the command line spells them, for the errors of check_fit_arguments
 OPTION_NAMES = {
@@ -55,14 +56,15 @@ def add_fit(sub: argparse._SubParsersAction) -> None:
                    help="auto: bf16 + channels_last where the hardware has bf16, else fp32")
     p.add_argument("--feature-backend", choices=("auto", "onnx", "torch"), default="auto",
                    help="what runs the frozen backbone's one-off passes (domain gap, cached features): auto is "
-                        "onnxruntime on a CPU (6x faster than fp32 PyTorch on AVX2), PyTorch on a GPU")
+                        "onnxruntime on a CPU (faster there: docs/benchmarks.md), PyTorch on a GPU")
     p.add_argument("--workers", type=int, help="data-loading processes, 0 or more (default: from the CPU count)")
-    p.add_argument("--export", default="safetensors,onnx",  # TODO(lead): export.DEFAULT_FORMATS
+    p.add_argument("--export", default=",".join(DEFAULT_FORMATS),
                    metavar="FORMATS",
                    help="formats exported (and parity-checked) into RUN/export at the end: any of safetensors, "
                         "onnx, pt2 (torch.export) (default safetensors,onnx)")
     p.add_argument("--no-export", dest="export", action="store_const", const="", help="skip the export")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="one log line per phase instead of progress bars")
 
 
 def parse_set(values: Sequence[str]) -> dict[str, str]:

@@ -13,6 +13,7 @@ from rich.table import Table
 from .. import arguments as check
 from ..arguments import MAX_PROCESSES
 from ..errors import UsageError
+from ..formats import DEFAULT_FORMATS
 
 BACKENDS = ("auto", "onnx", "torch")
 
@@ -25,7 +26,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
                                    "an error and nothing is written for that format.")
     p.set_defaults(handler=cmd_export)
     p.add_argument("run", metavar="RUN", help="run folder written by `finetune fit`")
-    p.add_argument("--format", default="safetensors,onnx",  # TODO(lead): export.DEFAULT_FORMATS
+    p.add_argument("--format", default=",".join(DEFAULT_FORMATS),
                    help="comma-separated: safetensors, onnx, pt2 (a torch.export program; 'torchscript' is "
                         "accepted as an alias of pt2, TorchScript itself being deprecated). Default safetensors,onnx")
     p.add_argument("--out", help="export folder (default RUN/export)")
