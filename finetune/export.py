@@ -59,7 +59,7 @@ from .formats import (  # noqa: F401 - export.DEFAULT_FORMATS etc. are part of i
 from .model.surgery import fix_same_padding
 from .onnx_graph import TRACE_OPSET, check_against_eager, trace_onnx
 from .runtime import onnx_session, tune_allocator
-from .serving import ServingModel, load_pt2, model_input
+from .serving import MirrorAverage, ServingModel, load_pt2, model_input
 
 log = logging.getLogger("finetune")
 
@@ -195,6 +195,8 @@ def _write_safetensors(classifier: nn.Module, config: dict[str, Any], staging: P
         model = timm.create_model(config["architecture"], pretrained=False, num_classes=config["num_classes"])
         model.load_state_dict(safetensors.torch.load_file(str(staging / runs.WEIGHTS_NAME)))
         loader = "timm.create_model + load_state_dict (no finetune code)"
+        if config.get("finetune", {}).get("test_flip"):
+            model, loader = MirrorAverage(model), loader + ", logits averaged with the mirror image's (test_flip)"
     else:
         model, _ = runs.load_model(staging)
         loader = "finetune.runs.load_model (multi-stage head)"

@@ -29,14 +29,16 @@ FORMAT_ALIASES = {"torchscript": "pt2", "torch.export": "pt2"}
 def parse_formats(formats: str | Sequence[str], option: str = "--format") -> tuple[str, ...]:
     """``"safetensors,onnx"`` or a sequence -> names from ``FORMATS``, in the given order, without repeats."""
     items = formats.split(",") if isinstance(formats, str) else list(formats)
+    given = ",".join(map(str, items))
+    given = given if given.isprintable() else repr(given)  # a control character must not split the line
     chosen: list[str] = []
     for item in filter(None, (str(i).strip() for i in items)):
         name = FORMAT_ALIASES.get(item.lower(), item.lower())
         if name not in FORMATS:
-            raise UsageError(f"{option} {formats!r}: unknown export format {item!r}; choose from "
+            raise UsageError(f"{option} {given}: unknown export format {item!r}; choose from "
                              f"{', '.join(FORMATS)} (torchscript is an alias of pt2)")
         if name not in chosen:
             chosen.append(name)
     if not chosen:
-        raise UsageError(f"{option} {formats!r}: no export format given; choose from {', '.join(FORMATS)}")
+        raise UsageError(f"{option} {given!r}: no export format given; choose from {', '.join(FORMATS)}")
     return tuple(chosen)

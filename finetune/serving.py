@@ -77,3 +77,15 @@ def load_pt2(path: str | Path) -> nn.Module:
     with _weights_only_torch_load(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         return torch.export.load(str(path)).module()
+
+
+class MirrorAverage(nn.Module):
+    """``model``'s logits averaged over each image and its mirror image: what a model whose ``config.json`` says
+    ``finetune.test_flip`` computes, for a user who loads its weights into plain timm."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.model(x) + self.model(x.flip(-1))) / 2

@@ -89,8 +89,12 @@ cfg = json.load(open({str(out / 'config.json')!r}))
 model = timm.create_model(cfg["architecture"], num_classes=cfg["num_classes"])
 model.load_state_dict(safetensors.torch.load_file({str(out / 'model.safetensors')!r}))
 assert not any(m.startswith("finetune") for m in sys.modules), "finetune was imported"
+x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)
 with torch.no_grad():
-    torch.save(model.eval()(torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)), {str(tmp_path / 'y.pt')!r})
+    y = model.eval()(x)
+    if cfg["finetune"].get("test_flip"):  # as docs/export.md says: average with the mirror image's logits
+        y = (y + model(x.flip(-1))) / 2
+torch.save(y, {str(tmp_path / 'y.pt')!r})
 """
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
     classifier, config = runs.load_model(out)
@@ -250,8 +254,12 @@ cfg = json.load(open({str(export_dir / 'config.json')!r}))
 model = timm.create_model(cfg["architecture"], num_classes=cfg["num_classes"])
 model.load_state_dict(safetensors.torch.load_file({str(export_dir / 'model.safetensors')!r}))
 assert not any(m.startswith("finetune") for m in sys.modules)
+x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)
 with torch.no_grad():
-    torch.save(model.eval()(torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)), {str(tmp_path / 'y.pt')!r})
+    y = model.eval()(x)
+    if cfg["finetune"].get("test_flip"):  # as docs/export.md says: average with the mirror image's logits
+        y = (y + model(x.flip(-1))) / 2
+torch.save(y, {str(tmp_path / 'y.pt')!r})
 """
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
     classifier, _ = runs.load_model(run)
