@@ -72,7 +72,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per batch, at least 1 (default 32)")
-    p.add_argument("--tta", action="store_true", 
+    p.add_argument("--tta", action="store_true",
                    help="average over the image and its horizontal mirror (built into models with test_flip)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto: onnxruntime when MODEL has an ONNX export, torch otherwise")
