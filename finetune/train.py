@@ -28,17 +28,17 @@ from .arguments import check_fit_arguments
 from .calibration import fit_temperature
 from .data import DatasetSplits, ImageFolderDataModule
 from .data.balance import BalancePlan, plan_balance
-from .data.doctor import MAX_UNUSABLE_FRACTION, preflight
+from .data.doctor import MAX_UNUSABLE_FRACTION, PreflightReport, preflight
 from .data.splits import load_splits
 from .export import DEFAULT_FORMATS, export_run
 from .model.backbones import create_backbone
 from .model.classifier import Classifier, check_head_stages
 from .model.domain import DomainGap
-from .model.frozen_forward import choose_backend
+from .model.frozen_forward import FrozenEngine, choose_backend
 from .model.module import TransferModule
 from .phases import Outcome
 from .phases.epochs import train_epochs
-from .phases.probe import finish_probe_only, keep_the_better, probed_model, run_probe
+from .phases.probe import Probe, finish_probe_only, keep_the_better, probed_model, run_probe
 from .progress import Phases
 from .recipe_choice import base_recipe, domain_sentence, measure_domain, resolve_recipe
 from .recipes import Recipe
@@ -143,29 +143,54 @@ def fit(
     outcome, module, probe = _train(classifier, datamodule, r, balance, prec, engine.name, run_dir, phases,
                                     progress, limit_batches)
 
-    saved = time.perf_counter()
+    summary = _finish(_Run(data_dir, run_dir, choice, checked, prec, engine, feature_backend, balance, timings,
+                           started), classifier, module, outcome, probe, export, phases)
+    return FitResult(run_dir=run_dir, recipe=r, val=outcome.val, test=outcome.test, summary=summary)
+
+
+@dataclass
+class _Run:
+    """What the phases before training decided, for the run folder's summary."""
+
+    data_dir: Path
+    run_dir: Path
+    choice: Choice
+    checked: PreflightReport
+    precision: Precision
+    engine: FrozenEngine
+    requested_engine: str
+    balance: BalancePlan
+    timings: dict[str, float]
+    started: float
+
+
+def _finish(run: _Run, classifier: Classifier, module: TransferModule, outcome: Outcome, probe: Probe | None,
+            export: str | Sequence[str] | None, phases: Phases) -> dict[str, Any]:
+    """Calibrate, save the selected model, export it, write summary.json and report.md; the summary."""
+    r, saved = run.choice.recipe, time.perf_counter()
     calibration = fit_temperature(outcome.val_logits, outcome.val_labels)
-    config = runs.model_config(classifier, r.model, checked.splits.classes, choice.data_config,
+    config = runs.model_config(classifier, r.model, run.checked.splits.classes, run.choice.data_config,
                                extra={"recipe": r.name, "version": __version__,
                                       "temperature": calibration.temperature})
-    runs.save_model(run_dir, classifier, config)
-    timings["calibrate_and_save_s"] = time.perf_counter() - saved
-    exported = _export(run_dir, export, phases)
+    runs.save_model(run.run_dir, classifier, config)
+    timings = run.timings | {"calibrate_and_save_s": time.perf_counter() - saved}
+    exported = _export(run.run_dir, export, phases)
     timings |= outcome.timings | {"export_s": exported["seconds"] if exported else 0.0,
-                                  "total_s": time.perf_counter() - started}
+                                  "total_s": time.perf_counter() - run.started}
+    engine = {"requested": run.requested_engine, "chosen": run.engine.name, "reason": run.engine.reason}
     summary = runs.build_summary(
-        data_dir=data_dir, run_dir=run_dir, recipe=r, reason=choice.reason, gap=choice.gap, splits=checked.splits,
-        precision=prec, engine={"requested": feature_backend, "chosen": engine.name, "reason": engine.reason},
-        outcome=outcome, calibration=calibration.to_dict(), exported=exported,
-        probe=None if probe is None else probe.to_summary(), preflight=checked.to_dict(),
-        balance=_balance_summary(balance, probe is not None, r.trains_epochs), timings=timings,
-        skipped=sorted(outcome.skipped | set(checked.excluded)), trainable=module.trainable_summary(),
+        data_dir=run.data_dir, run_dir=run.run_dir, recipe=r, reason=run.choice.reason, gap=run.choice.gap,
+        splits=run.checked.splits, precision=run.precision, engine=engine, outcome=outcome,
+        calibration=calibration.to_dict(), exported=exported, probe=None if probe is None else probe.to_summary(),
+        preflight=run.checked.to_dict(), balance=_balance_summary(run.balance, probe is not None, r.trains_epochs),
+        timings=timings, skipped=sorted(outcome.skipped | set(run.checked.excluded)),
+        trainable=module.trainable_summary(),
     )
-    runs.write_json(run_dir / "summary.json", summary)
-    runs.write_report(run_dir / "report.md", summary)
+    runs.write_json(run.run_dir / "summary.json", summary)
+    runs.write_report(run.run_dir / "report.md", summary)
     if summary["skipped"]:
         log.warning("skipped %d unreadable file(s): %s", len(summary["skipped"]), ", ".join(summary["skipped"][:10]))
-    return FitResult(run_dir=run_dir, recipe=r, val=outcome.val, test=outcome.test, summary=summary)
+    return summary
 
 
 def _choose(recipe: str | Path | Recipe, domain: str, merged: dict[str, Any], splits: DatasetSplits,
