@@ -2,6 +2,7 @@
 wall time.
 
     python scripts/bench_recipes.py --out bench/recipes.json
+    python scripts/bench_recipes.py --recipes auto auto auto --out bench/demo-avx2.json   # the demo, 3 times
     python scripts/bench_recipes.py --recipes large-similar --fp32 --set epochs=3   # bf16 against fp32, shorter
 
 Each recipe runs in its own process through the CLI (`finetune fit DIR --recipe NAME`), timed end to end,
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_recipe(data: Path, recipe: str, workdir: Path, precision: str = "auto", sets: list[str] = ()) -> dict:
-    out = workdir / f"{recipe}-{precision}"
+    out = workdir / f"{recipe}-{precision}-{len(list(workdir.iterdir()))}"  # a recipe may run several times
     command = [sys.executable, "-m", "finetune.cli", "fit", str(data), "--recipe", recipe, "--no-progress",
                "--out", str(out), "--precision", precision, *(a for kv in sets for a in ("--set", kv))]
     load = os.getloadavg()[0]
@@ -59,12 +60,16 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(run_recipe(args.data, recipe, Path(tmp), precision, args.sets))
                 print(json.dumps(rows[-1]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"data": str(args.data), "sets": args.sets, "results": rows}, indent=2) + "\n")
-    print("| recipe | precision | validation accuracy | macro-F1 | wall time | training |\n|---|---|---|---|---|---|")
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    cpu = "avx512_bf16" if "avx512_bf16" in flags else "avx2" if "avx2" in flags else "other"
+    args.out.write_text(json.dumps({"data": str(args.data), "cpu": cpu, "cores": os.cpu_count(), "sets": args.sets,
+                                    "results": rows}, indent=2) + "\n")
+    print("| recipe | precision | test accuracy | validation accuracy | wall time | training |\n"
+          "|---|---|---|---|---|---|")
     for r in rows:
         name = f"auto -> {r['chosen']}" if r["recipe"] == "auto" else r["recipe"]
-        print(f"| `{name}` | {r['precision']} | {r['val_acc']:.3f} | {r['macro_f1']:.3f} | {r['wall_s']:.0f} s "
-              f"| {r['training']} |")
+        test = "n/a" if r["test_acc"] is None else f"{r['test_acc']:.3f}"
+        print(f"| `{name}` | {r['precision']} | {test} | {r['val_acc']:.3f} | {r['wall_s']:.0f} s | {r['training']} |")
     return 0
 
 

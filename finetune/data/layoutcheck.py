@@ -14,15 +14,8 @@ from ..errors import DatasetError
 from .findings import Finding, finding
 from .folders import _find_layout
 from .images import IMAGE_EXTENSIONS
-from .paths import QUARANTINE_DIR, display_path, is_ignored, is_utf8, outside, relative, walk_files
+from .paths import DEBRIS_NAMES, QUARANTINE_DIR, display_path, is_ignored, is_utf8, outside, relative, walk_files
 
-DEBRIS_NAMES = frozenset(
-    name.lower()
-    for name in (".DS_Store", "Thumbs.db", "ehthumbs.db", "desktop.ini", "__MACOSX", ".Spotlight-V100",
-                 ".Trashes", ".fseventsd", ".AppleDouble", "@eaDir", "$RECYCLE.BIN", "System Volume Information",
-                 ".ipynb_checkpoints", ".directory")
-)
-"""Files and folders that operating systems and tools leave behind (plus AppleDouble `._name` files)."""
 _UNSUPPORTED_EXTENSIONS = frozenset({".heic", ".heif", ".avif", ".jxl", ".svg", ".psd", ".raw", ".cr2", ".cr3",
                                      ".nef", ".arw", ".dng", ".raf", ".orf", ".jp2", ".ico", ".pdf"})
 

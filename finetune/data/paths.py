@@ -2,8 +2,9 @@
 path is named in a report.
 
 `fit` (folders), `doctor` and `predict` all walk folders with `walk_files`, so a file is either seen by all
-of them or by none: names starting with '.' and `_quarantine` folders (where `finetune doctor --quarantine`
-puts bad files) are passed over, and links to folders are not followed.
+of them or by none: names starting with '.', the leftovers of operating systems (`DEBRIS_NAMES`) and
+`_quarantine` folders (where `finetune doctor --quarantine` puts bad files) are passed over, and links to
+folders are not followed.
 """
 
 from __future__ import annotations
@@ -15,11 +16,19 @@ from pathlib import Path, PurePosixPath
 from .images import is_image_file
 
 QUARANTINE_DIR = "_quarantine"
+DEBRIS_NAMES = frozenset(
+    name.lower()
+    for name in (".DS_Store", "Thumbs.db", "ehthumbs.db", "desktop.ini", "__MACOSX", ".Spotlight-V100",
+                 ".Trashes", ".fseventsd", ".AppleDouble", "@eaDir", "$RECYCLE.BIN", "System Volume Information",
+                 ".ipynb_checkpoints", ".directory")
+)
+"""Files and folders that operating systems and tools leave behind (plus AppleDouble `._name` files)."""
 
 
 def is_ignored(path: Path) -> bool:
-    """True for names the toolkit never reads: hidden ('.name', OS and editor leftovers) and `_quarantine`."""
-    return path.name.startswith(".") or path.name == QUARANTINE_DIR
+    """True for names the toolkit never reads: hidden ('.name'), OS and tool leftovers (`DEBRIS_NAMES`, such as
+    a Synology `@eaDir` of thumbnails) and `_quarantine`."""
+    return path.name.startswith(".") or path.name == QUARANTINE_DIR or path.name.lower() in DEBRIS_NAMES
 
 
 def walk_files(folder: Path, skip: Callable[[Path, bool], bool] | None = None) -> Iterator[Path]:

@@ -71,3 +71,11 @@ def test_a_folder_that_cannot_be_listed_is_passed_over(tmp_path: Path) -> None:
         assert [p.name for p in walk_files(tmp_path)] == ["y.jpg"]
     finally:
         (tmp_path / "a").chmod(0o755)
+
+
+def test_operating_system_leftovers_are_never_read(tmp_path):
+    """The doctor reports `@eaDir` (Synology thumbnails) and `__MACOSX` as debris that fit ignores: it must."""
+    for name in ("cat/a.png", "cat/@eaDir/a.png", "__MACOSX/cat/._a.png", "cat/Thumbs.db"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.relative_to(tmp_path).as_posix() for p in walk_files(tmp_path)] == ["cat/a.png"]
