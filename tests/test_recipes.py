@@ -77,15 +77,6 @@ def test_choose_by_images_per_class_and_domain(per_class, domain, expected):
     assert str(recipes.SMALL_DATA_IMAGES_PER_CLASS) in reason and domain in reason
 
 
-@pytest.mark.parametrize("name", recipes.names())
-def test_every_recipe_augments_its_training_data(name):
-    r = recipes.get(name)
-    if r.probes:  # views of the images in the cached features
-        assert r.flip_views or r.feature_views
-    if r.trains_epochs:  # augmentation of every batch
-        assert r.hflip > 0 and r.scale_min < 1
-
-
 def test_active_fields_follow_the_training_path():
     similar = recipes.get("small-similar")
     assert "lr" not in similar.active_fields() and "flip_views" in similar.active_fields()

@@ -43,7 +43,7 @@ def test_fit_writes_a_self_describing_run_folder(name, tiny_folder, tmp_path):
         assert summary["training"].startswith("probe") and summary["epochs_run"] == 0
     assert summary["probe"]["weight_decay"] in [row["weight_decay"] for row in summary["probe"]["sweep"]]
     assert (run / "probe.csv").is_file()
-    assert summary["probe"]["views"] == ["images", "mirror images"]  # flip_views
+    assert summary["probe"]["views"] == ["images"] + ["mirror images"] * result.recipe.flip_views
     assert set(result.metrics) >= {"acc", "balanced_acc", "macro_f1", "loss"}
     assert result.test == {} and result.headline_split == "val" and summary["val"] == result.metrics == result.val
     assert "validation" in summary["selection"]
