@@ -67,19 +67,19 @@ def _integer(name: str, value: Any) -> int:
 
 def positive_int(name: str, value: Any, maximum: int | None = None, example: int = 1) -> int:
     """An integer >= 1 (and <= ``maximum`` when given)."""
-    value = _integer(name, value)
-    if value < 1:
-        raise _fail(name, value, "must be at least 1", _example(name, example))
-    if maximum is not None and value > maximum:
-        raise _fail(name, value, f"must be at most {maximum}", _example(name, example))
-    return value
+    return _bounded_int(name, value, 1, maximum, example)
 
 
 def non_negative_int(name: str, value: Any, maximum: int | None = None, example: int = 0) -> int:
     """An integer >= 0 (and <= ``maximum`` when given)."""
+    return _bounded_int(name, value, 0, maximum, example)
+
+
+def _bounded_int(name: str, value: Any, minimum: int, maximum: int | None, example: int) -> int:
     value = _integer(name, value)
-    if value < 0:
-        raise _fail(name, value, "must be 0 or more", _example(name, example))
+    if value < minimum:
+        raise _fail(name, value, "must be at least 1" if minimum == 1 else f"must be {minimum} or more",
+                    _example(name, example))
     if maximum is not None and value > maximum:
         raise _fail(name, value, f"must be at most {maximum}", _example(name, example))
     return value
