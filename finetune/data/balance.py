@@ -1,10 +1,11 @@
 """Class imbalance: measure it, decide whether and how to correct it, and build the class-balanced sampler.
 
 Above `IMBALANCE_RATIO` (largest class / smallest class in train) the plain loss is dominated by the big
-classes and accuracy hides a failing small class. The default correction is class-balanced sampling: each
-training batch draws every class about equally often (small classes are repeated, big ones subsampled per
-epoch), the loss and every metric stay unweighted, and it works the same for every recipe. Loss weights
-(inverse class frequency) are the alternative when a caller asks for them.
+classes and accuracy hides a failing small class. The default correction ("sampler") is class-balanced
+sampling in Lightning epochs: each training batch draws every class about equally often (small classes are
+repeated, big ones subsampled per epoch), the loss and every metric stay unweighted. The probe fits its head
+full-batch, where nothing can be resampled, so there any correction is a loss weighted by inverse class
+frequency (model/probe.py). Loss weights in epochs too are the alternative (the recipe's `balance`).
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ def plan_balance(
         reason = f"{method} chosen by the user (imbalance ratio {ratio:.1f})"
     elif ratio > threshold:
         chosen = "sampler"
-        reason = (f"imbalance ratio {ratio:.1f} > {threshold:g}: class-balanced sampling, so every class is "
-                  "drawn about equally often")
+        reason = (f"imbalance ratio {ratio:.1f} > {threshold:g}: every class counts about equally (class-balanced "
+                  "sampling in epochs, a class-weighted loss in the probe)")
     else:
         chosen = "none"
         reason = f"imbalance ratio {ratio:.1f} <= {threshold:g}: no correction needed"

@@ -85,7 +85,7 @@ KINDS: dict[str, FindingKind] = {
         FindingKind("duplicate", "info", "labels", "delete all but one copy (it weighs double in training)"),
         # balance
         FindingKind("class_imbalance", "warning", "balance",
-                    f"fit balances classes above a ratio of {IMBALANCE_RATIO:g} (class-balanced sampling); "
+                    f"fit balances classes above a ratio of {IMBALANCE_RATIO:g} (class weights, balanced sampling); "
                     "collect more images for the small classes if you can"),
     )
 }
