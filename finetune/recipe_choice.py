@@ -26,6 +26,7 @@ from .data import (
     default_num_workers,
 )
 from .data.splits import load_splits
+from .device import Device, resolve_device
 from .model.backbones import create_backbone
 from .model.domain import DomainGap, measure_domain_gap
 from .model.frozen_forward import choose_backend, loader_workers
@@ -41,19 +42,19 @@ DOMAIN_SAMPLE_IMAGES = 128
 
 def measure_domain(backbone: torch.nn.Module, splits: DatasetSplits, data_config: dict, precision: Precision,
                    *, num_workers: int | None = None, seed: int = 0, backend: str = "auto",
-                   phases: Phases | None = None) -> DomainGap | None:
+                   phases: Phases | None = None, device: Device | None = None) -> DomainGap | None:
     """Domain gap on a seeded random sample of training images, eval transform; None for a backbone without
     BatchNorm statistics (most vision transformers), where there is nothing to compare against."""
     if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in backbone.modules()):
         return None
     sample = random.Random(seed).sample(splits.train, min(DOMAIN_SAMPLE_IMAGES, len(splits.train)))
     dataset = ImageFolderDataset(sample, build_transforms(data_config, False))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    engine = choose_backend(backend, device).name
+    device = device or resolve_device()
+    engine = choose_backend(backend, device.kind).name
     workers = loader_workers(engine, default_num_workers() if num_workers is None else num_workers)
     loader = DataLoader(dataset, batch_size=64, num_workers=workers, collate_fn=collate_skipping)
     with (phases or Phases(enabled=False)).run(f"domain gap on {len(sample)} training images", len(sample)) as step:
-        return measure_domain_gap(backbone, loader, max_images=DOMAIN_SAMPLE_IMAGES, device=device,
+        return measure_domain_gap(backbone, loader, max_images=DOMAIN_SAMPLE_IMAGES, device=device.kind,
                                   bf16=precision.lightning == "bf16-mixed", backend=engine, on_batch=step)
 
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+from .device import Device, cpu_has_bf16, resolve_device  # noqa: F401 - cpu_has_bf16: the scripts' import
+from .errors import UsageError
 
 log = logging.getLogger("finetune")
 
@@ -27,33 +28,24 @@ class Precision:
     reason: str
 
 
-def cpu_has_bf16() -> bool:
-    """True when the CPU computes bf16 natively (AVX-512 BF16 or AMX); emulated bf16 is slower than fp32."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.machine() == "arm64" and platform.system() == "Darwin"  # Apple M2+ have bf16
-    flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
-
-
-def choose_precision(requested: str = "auto", accelerator: str | None = None) -> Precision:
-    """bf16 autocast + channels_last where the hardware has bf16 (faster training, docs/benchmarks.md), fp32
-    otherwise; ``requested`` overrides."""
+def choose_precision(requested: str = "auto", device: Device | None = None) -> Precision:
+    """bf16 autocast + channels_last where ``device`` (default: ``resolve_device()``) has bf16 (faster
+    training, docs/benchmarks.md), fp32 otherwise; ``requested`` overrides."""
     if requested not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {requested!r}")
-    cuda = (accelerator in (None, "auto", "gpu", "cuda")) and torch.cuda.is_available()
+        raise UsageError(f"--precision {requested}: choose from {', '.join(PRECISIONS)}")
+    device = device or resolve_device()
+    cuda = device.kind == "cuda"
     if requested == "fp32":
         return Precision("32-true", False, "fp32 requested")
     if requested == "16":
         return Precision("16-mixed", cuda, "fp16 mixed precision requested")
     if requested == "bf16":
         return Precision("bf16-mixed", True, "bf16 requested")
-    if cuda and torch.cuda.is_bf16_supported():
-        return Precision("bf16-mixed", True, f"bf16 autocast: {torch.cuda.get_device_name()} supports bf16")
+    if cuda and device.bf16:
+        return Precision("bf16-mixed", True, f"bf16 autocast: {device.name} supports bf16")
     if cuda:
         return Precision("16-mixed", True, "fp16 autocast: this GPU has no bf16")
-    if cpu_has_bf16():
+    if device.kind == "cpu" and device.bf16:
         return Precision("bf16-mixed", True, "bf16 autocast + channels_last: the CPU has native bf16")
     return Precision("32-true", False, "fp32: the CPU has no native bf16")
 

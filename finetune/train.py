@@ -30,6 +30,7 @@ from .data import DatasetSplits, ImageFolderDataModule
 from .data.balance import BalancePlan, plan_balance
 from .data.doctor import MAX_UNUSABLE_FRACTION, PreflightReport, preflight
 from .data.splits import load_splits
+from .device import Device, resolve_device
 from .export import DEFAULT_FORMATS, export_run
 from .model.backbones import create_backbone
 from .model.classifier import Classifier, check_head_stages
@@ -101,6 +102,7 @@ def fit(
     weights: str | Path | None = None,
     pretrained: bool | None = None,
     num_workers: int | None = None,
+    accelerator: str = "auto",
     progress: bool = True,
     limit_batches: int | float | None = None,
     max_unusable_fraction: float = MAX_UNUSABLE_FRACTION,
@@ -112,6 +114,7 @@ def fit(
     ``pretrained`` are shortcuts for the same. ``feature_backend`` runs the frozen one-off passes (domain gap,
     cached features) in onnxruntime (``"onnx"``, the default on a CPU) or eager PyTorch (``"torch"``).
     ``domain="auto"`` measures how far the images are from ImageNet (used by ``recipe="auto"``).
+    ``accelerator`` (``auto``, ``cpu``, ``gpu``, ``mps``) is resolved once by ``device.resolve_device``.
     ``limit_batches`` caps batches per epoch (smoke tests). ``export`` lists the formats written to
     ``RUN/export`` and parity-checked at the end (None: no export).
     """
@@ -130,17 +133,19 @@ def fit(
     checked = preflight(load_splits(data_dir, labels=labels, split_file=split_file, val_fraction=val_fraction,
                                     seed=seed), max_unusable_fraction=max_unusable_fraction, progress=progress)
     timings = {"preflight_s": time.perf_counter() - started}
-    prec = choose_precision(precision)
-    engine = choose_backend(feature_backend, _device())
-    choice = _choose(recipe, domain, merged, checked.splits, prec, engine.name, weights, num_workers, seed, phases)
+    device = resolve_device(accelerator)
+    prec = choose_precision(precision, device)
+    engine = choose_backend(feature_backend, device.kind)
+    choice = _choose(recipe, domain, merged, checked.splits, device, prec, engine.name, weights, num_workers, seed,
+                     phases)
     r = choice.recipe
     log.info("recipe %s: %s", r.name, choice.reason)
     timings["recipe_choice_s"] = time.perf_counter() - started - timings["preflight_s"]
 
     balance = checked.balance if r.balance == "auto" else plan_balance(checked.balance.class_counts, method=r.balance)
-    classifier, datamodule = _build(choice, checked.splits, balance, prec, weights, num_workers, seed)
+    classifier, datamodule = _build(choice, checked.splits, balance, device, prec, weights, num_workers, seed)
     run_dir = _start_run_dir(out, data_dir, choice, checked.splits)
-    outcome, module, probe = _train(classifier, datamodule, r, balance, prec, engine.name, run_dir, phases,
+    outcome, module, probe = _train(classifier, datamodule, r, balance, device, prec, engine.name, run_dir, phases,
                                     progress, limit_batches)
 
     summary = _finish(_Run(data_dir, run_dir, choice, checked, prec, engine, feature_backend, balance, timings,
@@ -194,7 +199,8 @@ def _finish(run: _Run, classifier: Classifier, module: TransferModule, outcome: 
 
 
 def _choose(recipe: str | Path | Recipe, domain: str, merged: dict[str, Any], splits: DatasetSplits,
-            prec: Precision, engine: str, weights: str | Path | None, num_workers: int | None, seed: int,
+            device: Device, prec: Precision, engine: str, weights: str | Path | None, num_workers: int | None,
+            seed: int,
             phases: Phases) -> Choice:
     """The pretrained backbone and the recipe: ``auto`` measures the domain gap with that backbone first."""
     base = base_recipe(recipe, merged)
@@ -205,7 +211,7 @@ def _choose(recipe: str | Path | Recipe, domain: str, merged: dict[str, Any], sp
     if str(recipe) == "auto" and domain == "auto":
         if base.pretrained:
             gap = measure_domain(backbone, splits, data_config, prec, num_workers=num_workers, seed=seed,
-                                 backend=engine, phases=phases)
+                                 backend=engine, phases=phases, device=device)
         domain, domain_reason = domain_sentence(gap, base.model, base.pretrained)
     per_class = len(splits.train) / len(splits.classes)
     chosen, reason = resolve_recipe(recipe, per_class, "similar" if domain == "auto" else domain, merged,
@@ -213,7 +219,8 @@ def _choose(recipe: str | Path | Recipe, domain: str, merged: dict[str, Any], sp
     return Choice(chosen, reason, backbone, data_config, gap)
 
 
-def _build(choice: Choice, splits: DatasetSplits, balance: BalancePlan, prec: Precision, weights: str | Path | None,
+def _build(choice: Choice, splits: DatasetSplits, balance: BalancePlan, device: Device, prec: Precision,
+           weights: str | Path | None,
            num_workers: int | None, seed: int) -> tuple[Classifier, ImageFolderDataModule]:
     r, backbone = choice.recipe, choice.backbone
     if r.drop_path and r.trains_backbone:  # stochastic depth is set when timm builds the blocks
@@ -226,7 +233,7 @@ def _build(choice: Choice, splits: DatasetSplits, balance: BalancePlan, prec: Pr
     datamodule = ImageFolderDataModule(
         splits, choice.data_config, batch_size=r.batch_size, num_workers=num_workers, seed=seed,
         augment={"scale_min": r.scale_min, "hflip": r.hflip, "color_jitter": r.color_jitter},
-        class_balanced=balance.method == "sampler",
+        class_balanced=balance.method == "sampler", pin_memory=device.pin_memory,
     )
     return classifier, datamodule
 
@@ -241,7 +248,7 @@ def _start_run_dir(out: str | Path | None, data_dir: Path, choice: Choice, split
 
 
 def _train(classifier: Classifier, datamodule: ImageFolderDataModule, r: Recipe, balance: BalancePlan,
-           prec: Precision, engine: str, run_dir: Path, phases: Phases, progress: bool,
+           device: Device, prec: Precision, engine: str, run_dir: Path, phases: Phases, progress: bool,
            limit_batches: int | float | None):
     """The probe (when the recipe has a frozen phase on cached features), then Lightning epochs (when it
     trains the backbone, or has no cached features): LP-FT when both run."""
@@ -249,7 +256,7 @@ def _train(classifier: Classifier, datamodule: ImageFolderDataModule, r: Recipe,
     probe = None
     if use_probe:
         weights = balance.class_weights if balance.method != "none" else None
-        probe = run_probe(classifier, datamodule, r, precision=prec, engine=engine, device=_device(),
+        probe = run_probe(classifier, datamodule, r, precision=prec, engine=engine, device=device.kind,
                           run_dir=run_dir, phases=phases, class_weights=weights)
     module = TransferModule(classifier, r, probed=probe is not None, channels_last=prec.channels_last,
                             class_weights=balance.class_weights if balance.method == "loss_weights" else None)
@@ -257,7 +264,8 @@ def _train(classifier: Classifier, datamodule: ImageFolderDataModule, r: Recipe,
         return finish_probe_only(module, probe, datamodule, run_dir, phases), module, probe
     candidate = probed_model(module, probe) if probe is not None else None
     epochs = r.epochs - (r.freeze_epochs if probe is not None else 0)
-    outcome: Outcome = train_epochs(module, datamodule, r, precision=prec, run_dir=run_dir, epochs=epochs,
+    outcome: Outcome = train_epochs(module, datamodule, r, device=device, precision=prec, run_dir=run_dir,
+                                    epochs=epochs,
                                     probed=probe is not None, progress=progress, limit_batches=limit_batches)
     if candidate is not None:
         outcome.selection = f"{probe.selection}, then {outcome.selection}"
@@ -293,5 +301,3 @@ def _linear_head(classifier: Classifier) -> bool:
     return classifier.multistage is not None or isinstance(classifier.backbone.get_classifier(), torch.nn.Linear)
 
 
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..arguments import check_fit_arguments
+from ..device import ACCELERATORS
 from ..errors import UsageError
 from ..formats import DEFAULT_FORMATS
 
@@ -58,6 +59,8 @@ def add_fit(sub: argparse._SubParsersAction) -> None:
                    help="what runs the frozen backbone's one-off passes (domain gap, cached features): auto is "
                         "onnxruntime on a CPU (faster there: docs/benchmarks.md), PyTorch on a GPU")
     p.add_argument("--workers", type=int, help="data-loading processes, 0 or more (default: from the CPU count)")
+    p.add_argument("--accelerator", choices=ACCELERATORS, default="auto",
+                   help="where to compute: auto (a CUDA GPU, else Apple MPS, else the CPU), cpu, gpu or mps")
     p.add_argument("--export", default=",".join(DEFAULT_FORMATS),
                    metavar="FORMATS",
                    help="formats exported (and parity-checked) into RUN/export at the end: any of safetensors, "
@@ -103,7 +106,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         overrides=overrides, domain=args.domain, out=args.out, split_file=args.split,
         val_fraction=args.val_fraction, seed=args.seed, precision=args.precision,
         feature_backend=args.feature_backend, weights=args.weights,
-        pretrained=args.pretrained, num_workers=args.workers, progress=args.progress,
+        pretrained=args.pretrained, num_workers=args.workers, progress=args.progress, accelerator=args.accelerator,
         export=args.export or None,
         labels=args.labels,
     )

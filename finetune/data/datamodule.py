@@ -102,7 +102,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
     """Train / val / test loaders over `DatasetSplits`, preprocessed for one backbone's data config.
 
     `augment` holds keyword arguments for the train transform (`scale_min`, `hflip`, `color_jitter`).
-    `num_workers=None` picks `default_num_workers()`; `pin_memory=None` pins when CUDA is available.
+    `num_workers=None` picks `default_num_workers()`; `pin_memory` is for a CUDA device
+    (`finetune.device.Device.pin_memory`).
     `seed` fixes the shuffling order and the augmentation stream. `class_balanced=True` replaces shuffling
     with `balance.class_balanced_sampler` (every class drawn about equally often; see `balance.plan_balance`).
     `decoded_cache=True` reads images through a `DecodedImageCache` of `splits.root` (default location and
@@ -118,7 +119,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         batch_size: int = 32,
         num_workers: int | None = None,
         augment: Mapping[str, Any] | None = None,
-        pin_memory: bool | None = None,
+        pin_memory: bool = False,
         seed: int = 0,
         class_balanced: bool = False,
         decoded_cache: bool | DecodedImageCache = False,
@@ -129,7 +130,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.data_config = dict(data_config)
         self.batch_size = batch_size
         self.num_workers = default_num_workers() if num_workers is None else num_workers
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.pin_memory = pin_memory
         self.seed = seed
         self.class_balanced = bool(class_balanced)
         self.augment = dict(augment or {})

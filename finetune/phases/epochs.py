@@ -17,6 +17,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from .. import runs
 from ..data import ImageFolderDataModule
+from ..device import Device
 from ..model.freezing import StagedFinetuning
 from ..model.module import TransferModule
 from ..plots import plot_curves
@@ -35,7 +36,7 @@ _EXPECTED_WARNINGS = (".*does not have many workers.*", ".*Checkpoint directory.
 
 
 def train_epochs(module: TransferModule, datamodule: ImageFolderDataModule, recipe: Recipe, *,
-                 precision: Precision, run_dir: Path, epochs: int, probed: bool, progress: bool,
+                 device: Device, precision: Precision, run_dir: Path, epochs: int, probed: bool, progress: bool,
                  limit_batches: int | float | None = None) -> Outcome:
     """``epochs`` Lightning epochs: all of the recipe's, or after a probe the fine-tuning epochs only (LP-FT)."""
     timer = Timer()
@@ -48,7 +49,8 @@ def train_epochs(module: TransferModule, datamodule: ImageFolderDataModule, reci
     if progress:
         callbacks.append(RichProgressBar(leave=True))
     trainer = pl.Trainer(
-        max_epochs=epochs, accelerator="auto", devices=1, precision=precision.lightning, logger=_loggers(run_dir),
+        max_epochs=epochs, accelerator=device.accelerator, devices=1, precision=precision.lightning,
+        logger=_loggers(run_dir),
         callbacks=callbacks, enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
         log_every_n_steps=5, limit_train_batches=limit_batches, limit_val_batches=limit_batches,
     )

@@ -112,9 +112,11 @@ def _extract(classifier: Classifier, datamodule: ImageFolderDataModule, split: s
 
 
 def head_scores(classifier: Classifier, cached: CachedFeatures) -> tuple[torch.Tensor, dict[str, float]]:
-    """The head's logits on cached features, and their metrics."""
+    """The head's logits on cached features (moved to wherever the head is; the logits come back to the
+    CPU), and their metrics."""
+    head_device = next(classifier.parameters()).device
     with torch.inference_mode():
-        logits = classifier.head_logits(cached.features)
+        logits = classifier.head_logits(cached.features.to(head_device)).float().cpu()
     return logits, metrics_from_logits(logits, cached.labels, classifier.num_classes)
 
 

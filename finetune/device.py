@@ -1,0 +1,62 @@
+"""Where a run computes. ``resolve_device`` is the one function that looks at the hardware (nothing else in
+finetune calls ``torch.cuda``): every phase, loader and Lightning Trainer takes the ``Device`` it returns."""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UsageError
+
+ACCELERATORS = ("auto", "cpu", "gpu", "mps")
+
+
+@dataclass(frozen=True)
+class Device:
+    kind: str  # torch's device type: "cpu", "cuda" or "mps"
+    name: str  # for people: the GPU's name, or "CPU"
+    bf16: bool  # computes bf16 natively (autocast is then faster than fp32, not slower)
+
+    @property
+    def torch(self) -> torch.device:
+        return torch.device(self.kind)
+
+    @property
+    def accelerator(self) -> str:
+        """Lightning's name for it."""
+        return {"cuda": "gpu"}.get(self.kind, self.kind)
+
+    @property
+    def pin_memory(self) -> bool:
+        """Pinned host memory speeds up copies to a CUDA device and does nothing for the others."""
+        return self.kind == "cuda"
+
+
+def resolve_device(accelerator: str = "auto") -> Device:
+    """``auto``: a CUDA GPU when one is visible, else Apple's MPS, else the CPU. ``gpu``/``mps`` insist."""
+    if accelerator not in ACCELERATORS:
+        raise UsageError(f"--accelerator {accelerator}: choose from {', '.join(ACCELERATORS)}")
+    cuda = torch.cuda.is_available()
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if accelerator == "gpu" and not cuda:
+        raise UsageError("--accelerator gpu: no CUDA GPU is visible to torch; use --accelerator auto or cpu")
+    if accelerator == "mps" and not mps:
+        raise UsageError("--accelerator mps: Apple's MPS is not available here; use --accelerator auto or cpu")
+    if cuda and accelerator in ("auto", "gpu"):
+        return Device("cuda", torch.cuda.get_device_name(), torch.cuda.is_bf16_supported())
+    if mps and accelerator in ("auto", "mps"):
+        return Device("mps", "Apple MPS", False)
+    return Device("cpu", "CPU", cpu_has_bf16())
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX-512 BF16 or AMX); emulated bf16 is slower than fp32."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine() == "arm64" and platform.system() == "Darwin"  # Apple M2+ have bf16
+    flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
