@@ -1,4 +1,5 @@
-"""Files written whole or not at all, and file digests: the one copy of each, used by every room."""
+"""Files written whole or not at all, file digests and the toolkit's cache folder: the one copy of each,
+used by every room."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
+
+import platformdirs
 
 _UMASK = os.umask(0o022)  # read once, at import (os.umask can only be read by setting it)
 os.umask(_UMASK)
@@ -67,3 +70,10 @@ def hash_file(path: Path, digest: Digest, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def cache_dir() -> Path:
+    """The toolkit's cache folder (converted weights, the doctor's checks, decoded images): `$FINETUNE_CACHE`,
+    else the per-user cache folder of `finetune`."""
+    override = os.environ.get("FINETUNE_CACHE")
+    return Path(override).expanduser() if override else Path(platformdirs.user_cache_dir("finetune"))

@@ -41,8 +41,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ImageDecodeError
-from ..files import atomic_write_text
-from .filecheck import cache_dir
+from ..files import atomic_write_text, cache_dir
 from .images import load_rgb
 from .transforms import eval_resize_size, parse_data_config, shrink_short_side
 

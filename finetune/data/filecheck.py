@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import platformdirs
 from PIL import ExifTags, Image
 
 from ..errors import ImageDecodeError
-from ..files import atomic_write_text, hash_file
+from ..files import atomic_write_text, cache_dir, hash_file
 from .images import MAX_PIXELS, check_pixel_count, load_rgb
 
 MIN_SIDE = 32
@@ -207,13 +206,6 @@ def hamming(a: int, b: int) -> int:
 
 
 # --- running many checks: cache + processes ---------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    """The toolkit's cache folder: `$FINETUNE_CACHE`, else the per-user cache dir of `finetune`
-    (the same rule as `finetune.model.backbones.weights_cache_dir`)."""
-    override = os.environ.get("FINETUNE_CACHE")
-    return Path(override).expanduser() if override else Path(platformdirs.user_cache_dir("finetune"))
 
 
 class CheckCache:

@@ -9,7 +9,6 @@ layout and caches the result as `<name>.safetensors`; `backbones.create_backbone
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import subprocess
 import sys
@@ -19,14 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import platformdirs
 import timm
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import FinetuneError
-from ..files import atomic_write, sha256_file
+from ..files import atomic_write, cache_dir, sha256_file
 
 __all__ = [
     "OFFLINE_SOURCES",
@@ -199,9 +197,8 @@ OFFLINE_SOURCES: dict[str, OfflineSource] = {
 
 
 def weights_cache_dir() -> Path:
-    """Where converted weights live: `$FINETUNE_CACHE`, else the per-user cache dir of `finetune`."""
-    override = os.environ.get("FINETUNE_CACHE")
-    return Path(override).expanduser() if override else Path(platformdirs.user_cache_dir("finetune"))
+    """Where converted weights live: the toolkit's cache folder (`finetune.files.cache_dir`)."""
+    return cache_dir()
 
 
 def _offline_source(name: str) -> OfflineSource:
