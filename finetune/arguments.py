@@ -106,19 +106,19 @@ def export_formats(name: str, value: str | Sequence[str]) -> tuple[str, ...]:
 
 # --- paths --------------------------------------------------------------------------------------------------
 def existing_dir(name: str, value: Any, what: str = "an existing folder") -> Path:
-    path = Path(value)
-    if path.is_file():
-        raise _fail(name, value, "is a file, not a folder", f"give {what}")
-    if not path.is_dir():
-        raise _fail(name, value, "does not exist", f"give {what}")
-    return path
+    return _existing(name, value, what, folder=True)
 
 
 def existing_file(name: str, value: Any, what: str = "an existing file") -> Path:
+    return _existing(name, value, what, folder=False)
+
+
+def _existing(name: str, value: Any, what: str, *, folder: bool) -> Path:
     path = Path(value)
-    if path.is_dir():
-        raise _fail(name, value, "is a folder, not a file", f"give {what}")
-    if not path.is_file():
+    if path.is_dir() != folder and path.exists():
+        wrong = "is a file, not a folder" if folder else "is a folder, not a file"
+        raise _fail(name, value, wrong, f"give {what}")
+    if not (path.is_dir() if folder else path.is_file()):
         raise _fail(name, value, "does not exist", f"give {what}")
     return path
 

@@ -65,10 +65,6 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write_json(path, data)
 
 
-def write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def model_config(classifier: Classifier, architecture: str, labels: list[str], data_config: dict,
                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """timm's hub ``config.json``: plain timm reads architecture/num_classes/pretrained_cfg."""

@@ -32,6 +32,7 @@ from .data.doctor import MAX_UNUSABLE_FRACTION, PreflightReport, preflight
 from .data.splits import load_splits
 from .device import Device, resolve_device
 from .export import DEFAULT_FORMATS, export_run
+from .files import atomic_write_text
 from .model.backbones import create_backbone
 from .model.classifier import Classifier, check_head_stages
 from .model.domain import DomainGap
@@ -241,7 +242,7 @@ def _build(choice: Choice, splits: DatasetSplits, balance: BalancePlan, device: 
 def _start_run_dir(out: str | Path | None, data_dir: Path, choice: Choice, splits: DatasetSplits) -> Path:
     run_dir = runs.new_run_dir(out, data_dir, choice.recipe.name)
     log.info("run folder %s", run_dir)
-    runs.write_text(run_dir / "recipe.toml", f"# resolved recipe: {choice.reason}\n" + choice.recipe.to_toml())
+    atomic_write_text(run_dir / "recipe.toml", f"# resolved recipe: {choice.reason}\n" + choice.recipe.to_toml())
     runs.write_json(run_dir / "classes.json", splits.classes)
     splits.save(run_dir / "split.json")
     return run_dir

@@ -70,8 +70,7 @@ class Classifier(nn.Module):
         elif head == "multistage":
             n_levels = len(backbone.feature_info)
             if not 1 <= head_stages <= n_levels:
-                raise RecipeError(f"head_stages={head_stages}: {type(backbone).__name__} has {n_levels} feature "
-                                  f"stages; use --set head_stages=N with N from 1 to {n_levels}")
+                raise head_stages_error(head_stages, type(backbone).__name__, n_levels)
             self.head_stages = list(range(n_levels - head_stages, n_levels))
             backbone.reset_classifier(0)
             channels = [backbone.feature_info[i]["num_chs"] for i in self.head_stages] + [backbone.num_features]
@@ -239,5 +238,9 @@ def check_head_stages(recipe: Recipe) -> None:
     with torch.device("meta"):
         levels = len(timm.create_model(recipe.model, pretrained=False).feature_info)
     if recipe.head_stages > levels:
-        raise RecipeError(f"head_stages={recipe.head_stages}: {recipe.model} has {levels} feature stages; "
-                          f"use --set head_stages=N with N from 1 to {levels}")
+        raise head_stages_error(recipe.head_stages, recipe.model, levels)
+
+
+def head_stages_error(head_stages: int, model: str, levels: int) -> RecipeError:
+    return RecipeError(f"head_stages={head_stages}: {model} has {levels} feature stages; "
+                       f"use --set head_stages=N with N from 1 to {levels}")
