@@ -216,6 +216,7 @@ _seed, _recipe = seed, recipe  # check_fit_arguments has parameters of these nam
 FIT_DOMAINS = ("auto", "similar", "different")
 FIT_PRECISIONS = ("auto", "bf16", "fp32", "16")
 FIT_FEATURE_BACKENDS = ("auto", "onnx", "torch")
+FIT_STRATEGIES = ("auto", "ddp", "fsdp")  # Lightning's names; "auto" is ddp when there are several processes
 
 
 def check_fit_arguments(
@@ -238,6 +239,10 @@ def check_fit_arguments(
     precision: Any = "auto",
     feature_backend: Any = "auto",
     export: Any = None,
+    devices: Any = 1,
+    num_nodes: Any = 1,
+    strategy: Any = "auto",
+    checkpoint_every: Any = None,
     names: Mapping[str, str] | None = None,
 ) -> None:
     """Check `finetune.train.fit`'s arguments before anything is read, built or written.
@@ -270,6 +275,11 @@ def check_fit_arguments(
     choice(n("feature_backend"), feature_backend, FIT_FEATURE_BACKENDS)
     if export:
         export_formats(n("export"), export)
+    positive_int(n("devices"), devices, example=2)
+    positive_int(n("num_nodes"), num_nodes, example=2)
+    choice(n("strategy"), strategy, FIT_STRATEGIES)
+    if checkpoint_every is not None:
+        positive_int(n("checkpoint_every"), checkpoint_every, example=500)
     if not (isinstance(recipe, (str, Path)) and str(recipe) == "auto"):
         _recipe(n("recipe"), recipe)
     shortcuts = {"model": model, "epochs": epochs, "batch_size": batch_size, "pretrained": pretrained}

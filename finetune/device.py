@@ -6,6 +6,7 @@ from __future__ import annotations
 import platform
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -60,3 +61,18 @@ def cpu_has_bf16() -> bool:
         return platform.machine() == "arm64" and platform.system() == "Darwin"  # Apple M2+ have bf16
     flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
     return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+def rng_states() -> dict[str, Any]:
+    """torch's random states (the CPU's, each CUDA device's: dropout and stochastic depth draw from them), for
+    an exact resume. Augmentation and sampling do not use them (``data/sampling.py``)."""
+    states: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

@@ -3,6 +3,8 @@ the bad file or value and the fix."""
 
 from __future__ import annotations
 
+import shlex
+import signal
 from pathlib import Path
 
 
@@ -41,3 +43,13 @@ class RecipeError(FinetuneError, ValueError):
 
 class UsageError(FinetuneError, ValueError):
     """Arguments that contradict each other or name something that cannot be used."""
+
+
+class Interrupted(Exception):
+    """``fit`` stopped on SIGINT or SIGTERM after saving a resumable checkpoint (``phases/resume.py``)."""
+
+    def __init__(self, signum: int, run_dir: Path, step: int) -> None:
+        self.signum, self.run_dir = signum, run_dir
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name} after step {step}, checkpoint saved; resume with: "
+                         f"finetune fit --resume {shlex.quote(str(run_dir))}")

@@ -59,6 +59,8 @@ class Recipe:
     head_stages: int = 3  # multistage head: pooled outputs of this many top feature stages + final features
     head_dropout: float = 0.0
     drop_path: float = 0.0
+    # several processes (fit --devices/--num-nodes): BatchNorm statistics of trained stages over the global batch
+    sync_batchnorm: bool = True
     # augmentation
     scale_min: float = 0.5  # RandomResizedCrop lower scale bound
     hflip: float = 0.5
@@ -133,7 +135,7 @@ class Recipe:
                       "label_smoothing", "head_dropout", "early_stopping"]
             names += ["momentum"] if self.optimizer == "sgd" else []
         if self.trains_backbone:
-            names += ["freeze_epochs", "backbone_lr_scale", "drop_path"]
+            names += ["freeze_epochs", "backbone_lr_scale", "drop_path", "sync_batchnorm"]
             names += ["layer_decay"] if self.unfreeze_stages != 1 else []
         if self.trains_epochs or (self.probes and self.feature_views):
             names += ["scale_min", "hflip", "color_jitter"]

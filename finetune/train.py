@@ -12,10 +12,11 @@ decay, best epoch), so its score is not what the model will do on new images.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ from .data.balance import BalancePlan, plan_balance
 from .data.doctor import MAX_UNUSABLE_FRACTION, PreflightReport, preflight
 from .data.splits import load_splits
 from .device import Device, resolve_device
+from .distributed import Ranks, launch
+from .errors import UsageError
 from .export import DEFAULT_FORMATS, export_run
 from .files import atomic_write_text
 from .model.backbones import create_backbone
@@ -38,15 +41,19 @@ from .model.classifier import Classifier, check_head_stages
 from .model.domain import DomainGap
 from .model.frozen_forward import FrozenEngine, choose_backend
 from .model.module import TransferModule
+from .output_space import check_output_space, run_bytes_needed
 from .phases import Outcome
 from .phases.epochs import train_epochs
 from .phases.probe import Probe, finish_probe_only, keep_the_better, probed_model, run_probe
+from .phases.resume import LAST, ResumePoint
 from .progress import Phases
 from .recipe_choice import base_recipe, domain_sentence, measure_domain, resolve_recipe
 from .recipes import Recipe
 from .runtime import Precision, choose_precision, tune_allocator
 
 log = logging.getLogger("finetune")
+
+FIT_ARGUMENTS = "fit.json"  # fit()'s arguments, for fit(resume=RUN)
 
 
 @dataclass
@@ -85,7 +92,7 @@ class Choice:
 
 
 def fit(
-    data_dir: str | Path,
+    data_dir: str | Path | None = None,
     recipe: str | Path | Recipe = "auto",
     *,
     model: str | None = None,
@@ -104,6 +111,11 @@ def fit(
     pretrained: bool | None = None,
     num_workers: int | None = None,
     accelerator: str = "auto",
+    devices: int = 1,
+    num_nodes: int = 1,
+    strategy: str = "auto",
+    checkpoint_every: int | None = None,
+    resume: str | Path | None = None,
     progress: bool = True,
     limit_batches: int | float | None = None,
     max_unusable_fraction: float = MAX_UNUSABLE_FRACTION,
@@ -115,42 +127,109 @@ def fit(
     ``pretrained`` are shortcuts for the same. ``feature_backend`` runs the frozen one-off passes (domain gap,
     cached features) in onnxruntime (``"onnx"``, the default on a CPU) or eager PyTorch (``"torch"``).
     ``domain="auto"`` measures how far the images are from ImageNet (used by ``recipe="auto"``).
-    ``accelerator`` (``auto``, ``cpu``, ``gpu``, ``mps``) is resolved once by ``device.resolve_device``.
-    ``limit_batches`` caps batches per epoch (smoke tests). ``export`` lists the formats written to
-    ``RUN/export`` and parity-checked at the end (None: no export).
+    ``accelerator`` (``auto``, ``cpu``, ``gpu``, ``mps``) is resolved once by ``device.resolve_device``;
+    ``devices`` per machine x ``num_nodes`` machines run Lightning's ``strategy`` (``distributed.launch``:
+    ``batch_size`` is per device). ``checkpoint_every`` steps (and after every epoch) ``checkpoints/last.ckpt``
+    is written; ``resume=RUN`` continues the interrupted run RUN from it, with the arguments RUN was started
+    with (``RUN/fit.json``; the others given here are not used). ``limit_batches`` caps batches per epoch
+    (smoke tests). ``export`` lists the formats written to ``RUN/export`` and parity-checked at the end
+    (None: no export).
     """
+    if resume is not None:
+        return _fit(_resumed(Path(resume), progress), continuing=Path(resume))
+    args = FitArguments(data_dir, recipe, model, epochs, batch_size, dict(overrides or {}), domain, out, labels,
+                        split_file, val_fraction, seed, precision, feature_backend, weights, pretrained,
+                        num_workers, accelerator, devices, num_nodes, strategy, checkpoint_every, progress,
+                        limit_batches, max_unusable_fraction, export)
+    check_fit_arguments(**args.checked())
+    return _fit(args, continuing=None)
+
+
+@dataclass
+class FitArguments:
+    """``fit``'s arguments, as ``RUN/fit.json`` keeps them for ``fit(resume=RUN)``."""
+
+    data_dir: str | Path | None
+    recipe: str | Path | Recipe
+    model: str | None
+    epochs: int | None
+    batch_size: int | None
+    overrides: dict[str, Any]
+    domain: str
+    out: str | Path | None
+    labels: str | Path | None
+    split_file: str | Path | None
+    val_fraction: float
+    seed: int
+    precision: str
+    feature_backend: str
+    weights: str | Path | None
+    pretrained: bool | None
+    num_workers: int | None
+    accelerator: str
+    devices: int
+    num_nodes: int
+    strategy: str
+    checkpoint_every: int | None
+    progress: bool
+    limit_batches: int | float | None
+    max_unusable_fraction: float
+    export: str | Sequence[str] | None
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON values; paths absolute, so that a resume works from any folder."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in ("data_dir", "labels", "split_file", "weights"):
+            values[name] = None if values[name] is None else str(Path(values[name]).resolve())
+        values["recipe"] = self.recipe.name if isinstance(self.recipe, Recipe) else str(self.recipe)
+        values["out"] = None if self.out is None else str(self.out)
+        return values
+
+    def checked(self) -> dict[str, Any]:
+        """The arguments ``check_fit_arguments`` checks."""
+        names = ("data_dir", "recipe", "overrides", "model", "pretrained", "val_fraction", "seed", "num_workers",
+                 "epochs", "batch_size", "labels", "split_file", "weights", "out", "domain", "precision",
+                 "feature_backend", "export", "devices", "num_nodes", "strategy", "checkpoint_every")
+        return {name: getattr(self, name) for name in names}
+
+
+def _fit(a: FitArguments, continuing: Path | None) -> FitResult:
     started = time.perf_counter()
-    check_fit_arguments(data_dir=data_dir, recipe=recipe, overrides=overrides, model=model, pretrained=pretrained,
-                        val_fraction=val_fraction, seed=seed, num_workers=num_workers, epochs=epochs,
-                        batch_size=batch_size, labels=labels, split_file=split_file, weights=weights, out=out,
-                        domain=domain, precision=precision, feature_backend=feature_backend, export=export)
     tune_allocator()
-    pl.seed_everything(seed, workers=True, verbose=False)  # before the backbone: a random init depends on it
+    device = resolve_device(a.accelerator)
+    ranks = launch(device, a.devices, a.num_nodes, a.strategy)  # before any work: every rank does it all
+    progress = a.progress and ranks.main
+    if not ranks.main:
+        logging.getLogger("finetune").setLevel(logging.ERROR)  # rank 0 speaks for the run
+    pl.seed_everything(a.seed, workers=True, verbose=False)  # before the backbone: a random init depends on it
     phases = Phases(enabled=progress)
-    shortcuts = {"model": model, "epochs": epochs, "batch_size": batch_size, "pretrained": pretrained}
-    merged = {k: v for k, v in shortcuts.items() if v is not None} | dict(overrides or {})
-    check_head_stages(base_recipe(recipe, merged).override({k: v for k, v in merged.items() if k == "head_stages"}))
-    data_dir = Path(data_dir)
-    checked = preflight(load_splits(data_dir, labels=labels, split_file=split_file, val_fraction=val_fraction,
-                                    seed=seed), max_unusable_fraction=max_unusable_fraction, progress=progress)
+    shortcuts = {"model": a.model, "epochs": a.epochs, "batch_size": a.batch_size, "pretrained": a.pretrained}
+    merged = {k: v for k, v in shortcuts.items() if v is not None} | a.overrides
+    check_head_stages(base_recipe(a.recipe, merged).override({k: v for k, v in merged.items() if k == "head_stages"}))
+    data_dir = Path(a.data_dir)
+    checked = preflight(load_splits(data_dir, labels=a.labels, split_file=a.split_file, val_fraction=a.val_fraction,
+                                    seed=a.seed), max_unusable_fraction=a.max_unusable_fraction, progress=progress)
     timings = {"preflight_s": time.perf_counter() - started}
-    device = resolve_device(accelerator)
-    prec = choose_precision(precision, device)
-    engine = choose_backend(feature_backend, device.kind)
-    choice = _choose(recipe, domain, merged, checked.splits, device, prec, engine.name, weights, num_workers, seed,
-                     phases)
+    prec = choose_precision(a.precision, device)
+    engine = choose_backend(a.feature_backend, device.kind)
+    choice = _choose(a, merged, checked.splits, device, prec, engine.name, phases, ranks)
     r = choice.recipe
     log.info("recipe %s: %s", r.name, choice.reason)
     timings["recipe_choice_s"] = time.perf_counter() - started - timings["preflight_s"]
 
     balance = checked.balance if r.balance == "auto" else plan_balance(checked.balance.class_counts, method=r.balance)
-    classifier, datamodule = _build(choice, checked.splits, balance, device, prec, weights, num_workers, seed)
-    run_dir = _start_run_dir(out, data_dir, choice, checked.splits)
+    classifier, datamodule = _build(choice, checked.splits, balance, device, prec, a, ranks)
+    if continuing is None:
+        _check_space(a, r, classifier)
+    run_dir = continuing or _start_run_dir(a, data_dir, choice, checked.splits, ranks)
+    resume = _resume_point(run_dir) if continuing else None
     outcome, module, probe = _train(classifier, datamodule, r, balance, device, prec, engine.name, run_dir, phases,
-                                    progress, limit_batches)
+                                    progress, a, ranks, resume)
 
-    summary = _finish(_Run(data_dir, run_dir, choice, checked, prec, engine, feature_backend, balance, timings,
-                           started), classifier, module, outcome, probe, export, phases)
+    summary = _finish(_Run(data_dir, run_dir, choice, checked, prec, engine, a.feature_backend, balance, timings,
+                           started), classifier, module, outcome, probe, a.export, phases) \
+        if ranks.main else {}
+    ranks.barrier()  # every rank ends when the run folder is complete
     return FitResult(run_dir=run_dir, recipe=r, val=outcome.val, test=outcome.test, summary=summary)
 
 
@@ -199,58 +278,92 @@ def _finish(run: _Run, classifier: Classifier, module: TransferModule, outcome: 
     return summary
 
 
-def _choose(recipe: str | Path | Recipe, domain: str, merged: dict[str, Any], splits: DatasetSplits,
-            device: Device, prec: Precision, engine: str, weights: str | Path | None, num_workers: int | None,
-            seed: int,
-            phases: Phases) -> Choice:
-    """The pretrained backbone and the recipe: ``auto`` measures the domain gap with that backbone first."""
-    base = base_recipe(recipe, merged)
+def _choose(a: FitArguments, merged: dict[str, Any], splits: DatasetSplits, device: Device, prec: Precision,
+            engine: str, phases: Phases, ranks: Ranks) -> Choice:
+    """The pretrained backbone and the recipe: ``auto`` measures the domain gap with that backbone first (on
+    rank 0: a sample of a few hundred images; the other ranks receive the measurement)."""
+    base = base_recipe(a.recipe, merged)
     backbone = create_backbone(base.model, pretrained=base.pretrained, num_classes=len(splits.classes),
-                               weights=weights)
+                               weights=a.weights)
     data_config = timm.data.resolve_model_data_config(backbone)
-    gap, domain_reason = None, None
-    if str(recipe) == "auto" and domain == "auto":
-        if base.pretrained:
-            gap = measure_domain(backbone, splits, data_config, prec, num_workers=num_workers, seed=seed,
+    gap, domain, domain_reason = None, a.domain, None
+    if str(a.recipe) == "auto" and domain == "auto":
+        if base.pretrained and ranks.main:
+            gap = measure_domain(backbone, splits, data_config, prec, num_workers=a.num_workers, seed=a.seed,
                                  backend=engine, phases=phases, device=device)
+        gap = ranks.broadcast(gap)
         domain, domain_reason = domain_sentence(gap, base.model, base.pretrained)
     per_class = len(splits.train) / len(splits.classes)
-    chosen, reason = resolve_recipe(recipe, per_class, "similar" if domain == "auto" else domain, merged,
+    chosen, reason = resolve_recipe(a.recipe, per_class, "similar" if domain == "auto" else domain, merged,
                                     domain_reason)
     return Choice(chosen, reason, backbone, data_config, gap)
 
 
 def _build(choice: Choice, splits: DatasetSplits, balance: BalancePlan, device: Device, prec: Precision,
-           weights: str | Path | None,
-           num_workers: int | None, seed: int) -> tuple[Classifier, ImageFolderDataModule]:
+           a: FitArguments, ranks: Ranks) -> tuple[Classifier, ImageFolderDataModule]:
     r, backbone = choice.recipe, choice.backbone
     if r.drop_path and r.trains_backbone:  # stochastic depth is set when timm builds the blocks
         backbone = create_backbone(r.model, pretrained=r.pretrained, num_classes=len(splits.classes),
-                                   weights=weights, drop_path_rate=r.drop_path)
+                                   weights=a.weights, drop_path_rate=r.drop_path)
     classifier = Classifier(backbone, len(splits.classes), head=r.head, head_stages=r.head_stages,
                             head_dropout=r.head_dropout, test_flip=r.test_flip)
     if prec.channels_last:
         classifier = classifier.to(memory_format=torch.channels_last)
     datamodule = ImageFolderDataModule(
-        splits, choice.data_config, batch_size=r.batch_size, num_workers=num_workers, seed=seed,
+        splits, choice.data_config, batch_size=r.batch_size, num_workers=a.num_workers, seed=a.seed,
         augment={"scale_min": r.scale_min, "hflip": r.hflip, "color_jitter": r.color_jitter},
-        class_balanced=balance.method == "sampler", pin_memory=device.pin_memory,
+        class_balanced=balance.method == "sampler", pin_memory=device.pin_memory, ranks=ranks,
     )
     return classifier, datamodule
 
 
-def _start_run_dir(out: str | Path | None, data_dir: Path, choice: Choice, splits: DatasetSplits) -> Path:
-    run_dir = runs.new_run_dir(out, data_dir, choice.recipe.name)
-    log.info("run folder %s", run_dir)
-    atomic_write_text(run_dir / "recipe.toml", f"# resolved recipe: {choice.reason}\n" + choice.recipe.to_toml())
-    runs.write_json(run_dir / "classes.json", splits.classes)
-    splits.save(run_dir / "split.json")
-    return run_dir
+def _start_run_dir(a: FitArguments, data_dir: Path, choice: Choice, splits: DatasetSplits, ranks: Ranks) -> Path:
+    """Rank 0 makes the run folder and writes what the run starts from; every rank gets its path."""
+    run_dir = None
+    if ranks.main:
+        run_dir = runs.new_run_dir(a.out, data_dir, choice.recipe.name)
+        log.info("run folder %s", run_dir)
+        atomic_write_text(run_dir / "recipe.toml", f"# resolved recipe: {choice.reason}\n" + choice.recipe.to_toml())
+        runs.write_json(run_dir / "classes.json", splits.classes)
+        splits.save(run_dir / "split.json")
+        runs.write_json(run_dir / FIT_ARGUMENTS, a.to_json())
+    return ranks.broadcast(run_dir)
+
+
+def _resumed(run_dir: Path, progress: bool) -> FitArguments:
+    """The arguments ``run_dir`` was started with, its resolved recipe and its split."""
+    if not (run_dir / FIT_ARGUMENTS).is_file():
+        raise UsageError(f"--resume {run_dir}: not a run folder of finetune {__version__} (no {FIT_ARGUMENTS}); "
+                         "give the folder an interrupted `finetune fit` wrote")
+    if (run_dir / "summary.json").is_file():
+        raise UsageError(f"--resume {run_dir}: this run is complete (it has summary.json); start a new one")
+    saved = json.loads((run_dir / FIT_ARGUMENTS).read_text())
+    return FitArguments(**saved | {"recipe": str(run_dir / "recipe.toml"), "split_file": str(run_dir / "split.json"),
+                                   "out": str(run_dir), "progress": progress})
+
+
+def _check_space(a: FitArguments, r: Recipe, classifier: Classifier) -> None:
+    """Before any training: the run folder's location is writable and has room for what the run writes."""
+    weights = sum(t.numel() for t in classifier.state_dict().values())
+    trained = sum(p.numel() for p in classifier.parameters())  # an upper bound: stages never unfrozen count
+    check_output_space(Path(a.out) if a.out is not None else Path("runs"), run_bytes_needed(
+        weights, trained, optimizer=r.optimizer if r.trains_epochs else None,
+        formats=a.export or ()))
+
+
+def _resume_point(run_dir: Path) -> ResumePoint | None:
+    """Where the interrupted run stopped: its last checkpoint, or None when it stopped before the epochs."""
+    last = run_dir / "checkpoints" / LAST
+    if not last.is_file():
+        return None
+    point = ResumePoint.read(last)
+    log.info("resuming %s from epoch %d, %d batch(es) into it", run_dir, point.epoch + 1, point.batches_done)
+    return point
 
 
 def _train(classifier: Classifier, datamodule: ImageFolderDataModule, r: Recipe, balance: BalancePlan,
            device: Device, prec: Precision, engine: str, run_dir: Path, phases: Phases, progress: bool,
-           limit_batches: int | float | None):
+           a: FitArguments, ranks: Ranks, resume: ResumePoint | None):
     """The probe (when the recipe has a frozen phase on cached features), then Lightning epochs (when it
     trains the backbone, or has no cached features): LP-FT when both run."""
     use_probe = r.probes and _linear_head(classifier)
@@ -258,19 +371,20 @@ def _train(classifier: Classifier, datamodule: ImageFolderDataModule, r: Recipe,
     if use_probe:
         weights = balance.class_weights if balance.method != "none" else None
         probe = run_probe(classifier, datamodule, r, precision=prec, engine=engine, device=device.kind,
-                          run_dir=run_dir, phases=phases, class_weights=weights)
+                          run_dir=run_dir, phases=phases, class_weights=weights, ranks=ranks)
     module = TransferModule(classifier, r, probed=probe is not None, channels_last=prec.channels_last,
                             class_weights=balance.class_weights if balance.method == "loss_weights" else None)
     if probe is not None and not r.trains_backbone:
-        return finish_probe_only(module, probe, datamodule, run_dir, phases), module, probe
+        return finish_probe_only(module, probe, datamodule, run_dir, phases, ranks), module, probe
     candidate = probed_model(module, probe) if probe is not None else None
     epochs = r.epochs - (r.freeze_epochs if probe is not None else 0)
     outcome: Outcome = train_epochs(module, datamodule, r, device=device, precision=prec, run_dir=run_dir,
-                                    epochs=epochs,
-                                    probed=probe is not None, progress=progress, limit_batches=limit_batches)
+                                    epochs=epochs, probed=probe is not None, progress=progress,
+                                    limit_batches=a.limit_batches, ranks=ranks, checkpoint_every=a.checkpoint_every,
+                                    resume=resume)
     if candidate is not None:
         outcome.selection = f"{probe.selection}, then {outcome.selection}"
-        outcome = keep_the_better(module, candidate, probe, outcome, datamodule, run_dir, phases)
+        outcome = keep_the_better(module, candidate, probe, outcome, datamodule, run_dir, phases, ranks)
     return outcome, module, probe
 
 

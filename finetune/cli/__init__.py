@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from ..errors import FinetuneError
+    from ..errors import FinetuneError, Interrupted
 
     try:
         return args.handler(args)
@@ -84,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # soft_wrap: one line whatever the terminal's width, so that it can be grepped and quoted
         console.print("[bold red]error:[/]", escape(str(e)), highlight=False, soft_wrap=True)
         return 2
+    except Interrupted as e:
+        console.print(escape(str(e)), highlight=False, soft_wrap=True)
+        return 128 + e.signum  # the shell's code for "ended by this signal"
     except KeyboardInterrupt:
         console.print("interrupted")
         return 130

@@ -10,7 +10,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from ..arguments import check_fit_arguments
+from ..arguments import FIT_STRATEGIES, check_fit_arguments, existing_dir
 from ..device import ACCELERATORS
 from ..errors import UsageError
 from ..formats import DEFAULT_FORMATS
@@ -21,6 +21,8 @@ OPTION_NAMES = {
     "seed": "--seed", "num_workers": "--workers", "epochs": "--epochs", "batch_size": "--batch-size",
     "labels": "--labels", "split_file": "--split", "weights": "--weights", "out": "--out", "domain": "--domain",
     "precision": "--precision", "feature_backend": "--feature-backend", "export": "--export",
+    "devices": "--devices", "num_nodes": "--num-nodes", "strategy": "--strategy",
+    "checkpoint_every": "--checkpoint-every",
 }
 SPLIT_NAMES = {"val": "validation", "test": "test"}
 
@@ -31,7 +33,7 @@ def add_fit(sub: argparse._SubParsersAction) -> None:
                                    "writes a run folder with the resolved recipe, checkpoints, metrics and the "
                                    "model (model.safetensors + config.json).")
     p.set_defaults(handler=cmd_fit)
-    p.add_argument("data", metavar="DIR", help="image folder")
+    p.add_argument("data", metavar="DIR", nargs="?", help="image folder (not with --resume)")
     p.add_argument("--recipe", default="auto",
                    help="auto (default: chosen from images per class and --domain), a built-in recipe name "
                         "(see `finetune recipes`) or a .toml recipe file")
@@ -61,6 +63,15 @@ def add_fit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, help="data-loading processes, 0 or more (default: from the CPU count)")
     p.add_argument("--accelerator", choices=ACCELERATORS, default="auto",
                    help="where to compute: auto (a CUDA GPU, else Apple MPS, else the CPU), cpu, gpu or mps")
+    p.add_argument("--devices", type=int, default=1,
+                   help="devices (GPUs, or CPU processes) per machine; more than 1 trains with --strategy")
+    p.add_argument("--num-nodes", type=int, default=1, help="machines, each with --devices (torchrun or SLURM)")
+    p.add_argument("--strategy", choices=FIT_STRATEGIES, default="auto",
+                   help="Lightning's multi-device strategy: auto (ddp), ddp, fsdp (CUDA only)")
+    p.add_argument("--checkpoint-every", type=int, metavar="N",
+                   help="also write the resumable checkpoint every N optimizer steps (default: after each epoch)")
+    p.add_argument("--resume", metavar="RUN",
+                   help="continue the interrupted run RUN with the arguments it was started with (give no DIR)")
     p.add_argument("--export", default=",".join(DEFAULT_FORMATS),
                    metavar="FORMATS",
                    help="formats exported (and parity-checked) into RUN/export at the end: any of safetensors, "
@@ -83,13 +94,22 @@ def parse_set(values: Sequence[str]) -> dict[str, str]:
 
 def check_fit(args: argparse.Namespace) -> dict[str, str]:
     """Every argument of `fit`, checked before torch is imported; returns the parsed ``--set`` overrides."""
+    if args.resume is not None:
+        if args.data is not None:
+            raise UsageError(f"--resume {args.resume} continues that run on the data it was started with; "
+                             f"drop DIR ({args.data})")
+        existing_dir("--resume", args.resume, "the folder of an interrupted `finetune fit` run")
+        return {}
+    if args.data is None:
+        raise UsageError("finetune fit: give the image folder DIR (or --resume RUN to continue a run)")
     overrides = parse_set(args.set)
     check_fit_arguments(
         data_dir=args.data, recipe=args.recipe, overrides=overrides, model=args.model, pretrained=args.pretrained,
         val_fraction=args.val_fraction, seed=args.seed, num_workers=args.workers, epochs=args.epochs,
         batch_size=args.batch_size, labels=args.labels, split_file=args.split, weights=args.weights, out=args.out,
         domain=args.domain, precision=args.precision, feature_backend=args.feature_backend, export=args.export,
-        names=OPTION_NAMES,
+        devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy,
+        checkpoint_every=args.checkpoint_every, names=OPTION_NAMES,
     )
     return overrides
 
@@ -107,10 +127,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction, seed=args.seed, precision=args.precision,
         feature_backend=args.feature_backend, weights=args.weights,
         pretrained=args.pretrained, num_workers=args.workers, progress=args.progress, accelerator=args.accelerator,
-        export=args.export or None,
-        labels=args.labels,
+        devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy,
+        checkpoint_every=args.checkpoint_every, resume=args.resume, export=args.export or None, labels=args.labels,
     )
-    print_fit_result(result)
+    if result.summary:  # rank 0 of a multi-process run, or the only process
+        print_fit_result(result)
     return 0
 
 

@@ -10,13 +10,9 @@ frequency (model/probe.py). Loss weights in epochs too are the alternative (the 
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
-
-import torch
-from torch.utils.data import WeightedRandomSampler
 
 BalanceMethod = Literal["none", "sampler", "loss_weights"]
 
@@ -81,15 +77,3 @@ def plan_balance(
         reason = f"imbalance ratio {ratio:.1f} <= {threshold:g}: no correction needed"
     return BalancePlan(chosen, ratio, counts, class_weights(counts), reason)
 
-
-def class_balanced_sampler(
-    labels: Sequence[int], *, seed: int = 0, num_samples: int | None = None
-) -> WeightedRandomSampler:
-    """Draws `num_samples` (default: len(labels)) indices per epoch with replacement, each class with
-    equal total probability. Seeded: the same seed gives the same epochs."""
-    if not labels:
-        raise ValueError("class_balanced_sampler needs at least one label")
-    counts = Counter(labels)
-    weights = torch.tensor([1.0 / counts[label] for label in labels], dtype=torch.double)
-    generator = torch.Generator().manual_seed(seed)
-    return WeightedRandomSampler(weights, num_samples or len(labels), replacement=True, generator=generator)

@@ -21,12 +21,13 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
+from ..distributed import Ranks
 from ..errors import ImageDecodeError
 from ..runtime import usable_cpus
-from .balance import class_balanced_sampler
 from .cache import DecodedImageCache, FillStats
 from .folders import DatasetSplits, Sample
 from .images import load_rgb
+from .sampling import EpochSampler, balanced_weights
 from .transforms import build_transforms, parse_data_config
 
 logger = logging.getLogger("finetune.data")
@@ -54,13 +55,18 @@ class ImageFolderDataset(Dataset[Item]):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> Item:
+    def __getitem__(self, key: int | tuple[int, int]) -> Item:
+        """Image ``key``, or ``(index, seed)`` as `sampling.EpochSampler` yields them: the transform's random
+        draws are seeded with ``seed`` first."""
+        index, seed = key if isinstance(key, tuple) else (key, None)
         sample = self.samples[index]
         try:
             image = load_rgb(sample.path) if self.cache is None else self.cache.load(sample.path)
         except ImageDecodeError as exc:
             logger.warning("skipping %s: %s", sample.path, exc.reason)
             return None, sample.label, str(sample.path)
+        if seed is not None:
+            self.transform.set_random_seed(seed)
         return self.transform(image=image)["image"], sample.label, None
 
 
@@ -86,7 +92,7 @@ def default_num_workers() -> int:
 
 
 def _seed_worker(worker_id: int) -> None:
-    """Give each loader worker its own augmentation stream.
+    """Give each loader worker its own augmentation stream (for the passes without an `EpochSampler`).
 
     Workers start as copies of the main process, so their albumentations generators would otherwise be
     identical and every worker would draw the same crops. torch.initial_seed() differs per worker and
@@ -104,8 +110,10 @@ class ImageFolderDataModule(pl.LightningDataModule):
     `augment` holds keyword arguments for the train transform (`scale_min`, `hflip`, `color_jitter`).
     `num_workers=None` picks `default_num_workers()`; `pin_memory` is for a CUDA device
     (`finetune.device.Device.pin_memory`).
-    `seed` fixes the shuffling order and the augmentation stream. `class_balanced=True` replaces shuffling
-    with `balance.class_balanced_sampler` (every class drawn about equally often; see `balance.plan_balance`).
+    `seed` fixes the shuffling order and the augmentation draws: the training loader's `sampling.EpochSampler`
+    makes both functions of (seed, epoch, position), and with `ranks` (several processes, see
+    `finetune.distributed`) gives this rank its share of each epoch. `class_balanced=True` draws every class
+    about equally often instead of shuffling (see `balance.plan_balance`).
     `decoded_cache=True` reads images through a `DecodedImageCache` of `splits.root` (default location and
     budget), filled with every split's images before the first loader starts; pass a `DecodedImageCache` to
     choose its folder or budget.
@@ -123,6 +131,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         seed: int = 0,
         class_balanced: bool = False,
         decoded_cache: bool | DecodedImageCache = False,
+        ranks: Ranks | None = None,
     ) -> None:
         super().__init__()
         _check_loader_args(batch_size, num_workers, augment)
@@ -133,6 +142,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.pin_memory = pin_memory
         self.seed = seed
         self.class_balanced = bool(class_balanced)
+        self.ranks = ranks or Ranks()
         self.augment = dict(augment or {})
         self.decoded_cache = _decoded_cache(decoded_cache, splits.root, self.data_config)
         self._cache_filled = False
@@ -158,12 +168,16 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader[Item]:
         # drop_last avoids a tiny last batch (noisy BatchNorm statistics), unless it would leave no batch.
-        drop_last = len(self.train_dataset) > self.batch_size
-        generator = torch.Generator().manual_seed(self.seed)
-        if self.class_balanced and len(self.train_dataset) > 0:
-            sampler = class_balanced_sampler([s.label for s in self.splits.train], seed=self.seed)
-            return self._loader(self.train_dataset, drop_last=drop_last, sampler=sampler)
-        return self._loader(self.train_dataset, shuffle=True, drop_last=drop_last, generator=generator)
+        drop_last = len(self.train_sampler) > self.batch_size
+        return self._loader(self.train_dataset, drop_last=drop_last, sampler=self.train_sampler)
+
+    @functools.cached_property
+    def train_sampler(self) -> EpochSampler:
+        """One sampler for the datamodule's life: ``resume`` on it reaches the loader Lightning builds."""
+        labels = [s.label for s in self.splits.train]
+        weights = balanced_weights(labels) if self.class_balanced and labels else None
+        return EpochSampler(len(labels), seed=self.seed, weights=weights, rank=self.ranks.rank,
+                            world=self.ranks.world)
 
     def val_dataloader(self) -> DataLoader[Item]:
         return self._loader(self.val_dataset)
@@ -172,11 +186,14 @@ class ImageFolderDataModule(pl.LightningDataModule):
         """The test loader; it has zero batches when the folder has no test split (see `has_test`)."""
         return self._loader(self.test_dataset)
 
-    def feature_loader(self, split: str, augment: bool = False, num_workers: int | None = None) -> DataLoader[Item]:
+    def feature_loader(self, split: str, augment: bool = False, num_workers: int | None = None,
+                       shard: bool = False) -> DataLoader[Item]:
         """Every image of ``split`` once, in order (no shuffling, nothing dropped), for caching features:
         the eval transform, or the training augmentation when ``augment`` (one augmented view per pass).
-        ``num_workers`` overrides the datamodule's for this pass."""
+        ``num_workers`` overrides the datamodule's for this pass. ``shard``: this rank's share only."""
         samples = {"train": self.splits.train, "val": self.splits.val, "test": self.splits.test}[split]
+        if shard:
+            samples = self.ranks.shard(samples)
         transform = self.train_transform if augment else self.eval_transform
         # a one-off pass: persistent workers would outlive it for nothing
         return self._loader(ImageFolderDataset(samples, transform, self.decoded_cache), persistent=False,

@@ -17,14 +17,18 @@ class StagedFinetuning(pl.Callback):
     Unlike Lightning's ``BackboneFinetuning`` the optimizer is built once with every group it will ever
     need (see ``param_groups``): a frozen parameter simply has no gradient, so AdamW/SGD keep no state for
     it, and the scheduler gives each group its own warm-up from the epoch it starts training. The phase is
-    a function of the epoch; it is also saved in checkpoints (``state_dict``), though no user path resumes a
-    run yet.
+    a function of the epoch, so a resumed run (``fit --resume``) is in the right one; it is also saved in
+    checkpoints (``state_dict``).
     """
 
     def __init__(self, freeze_epochs: int, unfreeze_stages: int) -> None:
         self.freeze_epochs = freeze_epochs
         self.unfreeze_stages = unfreeze_stages
         self.phase = "head"
+
+    def changes_phase(self, epochs: int) -> bool:
+        """Whether a run of ``epochs`` epochs unfreezes stages after a head warm-up."""
+        return self.unfreeze_stages != 0 and 0 < self.freeze_epochs < epochs
 
     def phase_for_epoch(self, epoch: int) -> str:
         return "finetune" if self.unfreeze_stages != 0 and epoch >= self.freeze_epochs else "head"
@@ -37,6 +41,12 @@ class StagedFinetuning(pl.Callback):
             trainable = sum(p.numel() for p in classifier.parameters() if p.requires_grad)
             log.info("epoch %d: %s phase, %s trainable parameters", epoch, phase, f"{trainable:,}")
         self.phase = phase
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Before the strategy wraps the model: DDP only ever reduces the gradients of the parameters that
+        need one when it wraps, so every parameter the run will train needs one then."""
+        if stage == "fit":
+            pl_module.classifier.set_trainable(self.unfreeze_stages)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._apply(pl_module, trainer.current_epoch)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from ..device import rng_states, set_rng_states
 from ..recipes import Recipe
 from .classifier import Classifier, GroupSpec, param_groups
 
@@ -81,7 +82,8 @@ class TransferModule(pl.LightningModule):
         loss = F.cross_entropy(logits.float(), labels, weight=weight, label_smoothing=self.recipe.label_smoothing)
         metrics.update(logits.float(), labels)
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, batch_size=len(labels))
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, batch_size=len(labels),
+                 sync_dist=True)  # the mean over ranks (a no-op in one process)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val")
         return loss
 
@@ -114,6 +116,15 @@ class TransferModule(pl.LightningModule):
         ]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """The random state too (dropout, stochastic depth), so that a resumed run draws what this one would
+        have drawn next (this process's: on several ranks, rank 0's)."""
+        checkpoint["rng_states"] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng_states" in checkpoint:
+            set_rng_states(checkpoint["rng_states"])
 
     def trainable_summary(self) -> dict[str, int]:
         total = sum(p.numel() for p in self.classifier.parameters())

@@ -3,6 +3,7 @@ epoch on validation accuracy, and scores it on the validation and test splits.""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import math
@@ -14,16 +15,20 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar, Timer
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
+from pytorch_lightning.strategies import DDPStrategy, Strategy
 
 from .. import runs
 from ..data import ImageFolderDataModule
 from ..device import Device
+from ..distributed import Ranks
+from ..model.batchnorm import SyncBatchNorm
 from ..model.freezing import StagedFinetuning
 from ..model.module import TransferModule
 from ..plots import plot_curves
 from ..recipes import Recipe
 from ..runtime import Precision
 from .outcome import Outcome
+from .resume import ResumePoint, SaveAndStop
 
 log = logging.getLogger("finetune")
 
@@ -32,41 +37,57 @@ MONITOR = "val/acc"
 _EXPECTED_WARNINGS = (".*does not have many workers.*", ".*Checkpoint directory.*exists and is not empty.*",
                       ".*Experiment logs directory.*",  # ours: it already holds recipe.toml and split.json
                       ".*module\\(s\\) in eval mode.*",  # frozen parts
-                      ".*smaller than the logging interval.*")
+                      ".*smaller than the logging interval.*",
+                      ".*resuming from a checkpoint that ended before the epoch ended.*")  # EpochSampler resumes
 
 
 def train_epochs(module: TransferModule, datamodule: ImageFolderDataModule, recipe: Recipe, *,
                  device: Device, precision: Precision, run_dir: Path, epochs: int, probed: bool, progress: bool,
-                 limit_batches: int | float | None = None) -> Outcome:
-    """``epochs`` Lightning epochs: all of the recipe's, or after a probe the fine-tuning epochs only (LP-FT)."""
+                 limit_batches: int | float | None = None, ranks: Ranks | None = None,
+                 checkpoint_every: int | None = None, resume: ResumePoint | None = None) -> Outcome:
+    """``epochs`` Lightning epochs: all of the recipe's, or after a probe the fine-tuning epochs only (LP-FT).
+    ``ranks``: the processes of a multi-device run (``finetune.distributed.launch``). ``resume``: continue
+    from that checkpoint of this run."""
+    ranks = ranks or Ranks()
     timer = Timer()
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=MONITOR, mode="max",
-                                 save_last=True, enable_version_counter=False)
-    callbacks: list[pl.Callback] = [StagedFinetuning(0 if probed else recipe.freeze_epochs, recipe.unfreeze_stages),
-                                    checkpoint, timer]
+                                 enable_version_counter=False)  # last.ckpt: SaveAndStop, after every epoch
+    staged = StagedFinetuning(0 if probed else recipe.freeze_epochs, recipe.unfreeze_stages)
+    callbacks: list[pl.Callback] = [staged, checkpoint, timer, SaveAndStop(run_dir, ranks, checkpoint_every)]
     if recipe.early_stopping:
         callbacks.append(EarlyStopping(MONITOR, mode="max", patience=recipe.early_stopping))
-    if progress:
+    if progress and ranks.main:
         callbacks.append(RichProgressBar(leave=True))
+    sync_bn = ranks.distributed and recipe.sync_batchnorm and recipe.trains_backbone
     trainer = pl.Trainer(
-        max_epochs=epochs, accelerator=device.accelerator, devices=1, precision=precision.lightning,
-        logger=_loggers(run_dir),
-        callbacks=callbacks, enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
-        log_every_n_steps=5, limit_train_batches=limit_batches, limit_val_batches=limit_batches,
+        max_epochs=epochs, accelerator=device.accelerator, devices=ranks.devices, num_nodes=ranks.num_nodes,
+        strategy=_strategy(ranks, staged.changes_phase(epochs)),
+        plugins=[SyncBatchNorm(cuda=device.kind == "cuda")] if sync_bn else None,
+        use_distributed_sampler=False,  # the EpochSampler shards the training set; every rank scores all of val
+        precision=precision.lightning, logger=_loggers(run_dir),
+        callbacks=callbacks, enable_progress_bar=progress and ranks.main, enable_model_summary=False,
+        num_sanity_val_steps=0, log_every_n_steps=5, limit_train_batches=limit_batches,
+        limit_val_batches=limit_batches,
     )
+    if resume is not None:
+        datamodule.train_sampler.resume(resume.epoch, resume.batches_done * datamodule.batch_size)
     with warnings.catch_warnings():
         for message in _EXPECTED_WARNINGS:
             warnings.filterwarnings("ignore", message)
-        trainer.fit(module, datamodule=datamodule)
-        _load_best(module, checkpoint)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=None if resume is None else resume.path)
+        processes = {"world": ranks.world, "devices": ranks.devices, "num_nodes": ranks.num_nodes,
+                     "strategy": type(trainer.strategy).__name__, "global_batch": recipe.batch_size * ranks.world,
+                     "final_weights_sha256": ranks.gather(_digest(module))}
+        _load_best(module, checkpoint, ranks)
         module.collect_outputs, module.outputs = True, []
         val = _strip(trainer.validate(module, datamodule=datamodule, verbose=False)[0], "val/")
         logits, labels = (torch.cat([o[i] for o in module.outputs]) for i in (0, 1))
         module.collect_outputs = False
         test = _strip(trainer.test(module, datamodule=datamodule, verbose=False)[0], "test/") \
             if datamodule.has_test else {}
-    rows = runs.read_epoch_metrics(run_dir / "metrics.csv")
-    plot_curves(rows, run_dir / "curves.png")
+    rows = runs.read_epoch_metrics(run_dir / "metrics.csv") if ranks.main else []
+    if ranks.main:
+        plot_curves(rows, run_dir / "curves.png")
     train_s = timer.time_elapsed("train")
     images = _trained_images(len(datamodule.splits.train), trainer.current_epoch, limit_batches, recipe.batch_size)
     best = _best_epoch(rows)
@@ -79,7 +100,8 @@ def train_epochs(module: TransferModule, datamodule: ImageFolderDataModule, reci
                   "accuracy",
         val=val, test=test, val_logits=logits, val_labels=labels, epochs_run=trainer.current_epoch,
         best_epoch=best, timings={"train_s": train_s, "validate_s": timer.time_elapsed("validate")},
-        train_images_per_s=images / train_s if train_s else math.nan, skipped=set(module.skipped_files))
+        train_images_per_s=images / train_s if train_s else math.nan, skipped=set(module.skipped_files),
+        processes=processes)
 
 
 def _loggers(run_dir: Path) -> list[Logger]:
@@ -90,10 +112,32 @@ def _loggers(run_dir: Path) -> list[Logger]:
     return loggers
 
 
-def _load_best(module: TransferModule, checkpoint: ModelCheckpoint) -> None:
+def _strategy(ranks: Ranks, changes_phase: bool) -> str | Strategy:
+    """Lightning's strategy for ``ranks``. DDP registers the parameters that need a gradient when it wraps the
+    model (``StagedFinetuning.setup`` unfreezes every one the run will train first); while a head warm-up
+    leaves the backbone's without one, DDP has to look for unused parameters, so only those runs ask it to."""
+    if not ranks.distributed:
+        return "auto"
+    if ranks.strategy == "fsdp":
+        return "fsdp"
+    return DDPStrategy(find_unused_parameters=changes_phase)
+
+
+def _digest(module: TransferModule) -> str:
+    """sha256 of every weight and buffer, in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _load_best(module: TransferModule, checkpoint: ModelCheckpoint, ranks: Ranks) -> None:
+    """The best epoch's weights on every rank (rank 0 wrote them; other machines may not see its disk)."""
     if checkpoint.best_model_path:
-        state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
-        module.load_state_dict(state)
+        state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"] \
+            if ranks.main else None
+        module.load_state_dict(ranks.broadcast(state))
 
 
 def _strip(metrics: Mapping[str, float], prefix: str) -> dict[str, float]:

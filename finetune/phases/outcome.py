@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -22,3 +23,6 @@ class Outcome:
     timings: dict[str, float] = field(default_factory=dict)
     train_images_per_s: float = math.nan
     skipped: set[str] = field(default_factory=set)  # files that could not be decoded
+    # the processes that trained (world, strategy, global batch) and each rank's final weights' sha256: DDP
+    # keeps them identical, so the digests must agree
+    processes: dict[str, Any] = field(default_factory=dict)

@@ -13,6 +13,7 @@ import torch
 
 from .. import runs
 from ..data import ImageFolderDataModule
+from ..distributed import Ranks
 from ..model.classifier import Classifier
 from ..model.frozen_forward import FrozenPass, loader_workers
 from ..model.module import TransferModule, metrics_from_logits
@@ -65,8 +66,10 @@ def train_views(recipe: Recipe) -> list[tuple[str, bool, bool]]:
 
 def run_probe(classifier: Classifier, datamodule: ImageFolderDataModule, recipe: Recipe, *, precision: Precision,
               engine: str, device: str, run_dir: Path, phases: Phases,
-              class_weights: Sequence[float] | None = None) -> Probe:
-    """Compute the features once (one trace for every pass), fit the head, install it in ``classifier``."""
+              class_weights: Sequence[float] | None = None, ranks: Ranks | None = None) -> Probe:
+    """Compute the features once (one trace for every pass; sharded over ``ranks``), fit the head (on rank 0,
+    which sends it to the others), install it in ``classifier``."""
+    ranks = ranks or Ranks()
     classifier.set_trainable(0)
     runner = feature_pass(classifier, device=device, bf16=precision.lightning == "bf16-mixed",
                           channels_last=precision.channels_last, backend=engine)
@@ -80,9 +83,12 @@ def run_probe(classifier: Classifier, datamodule: ImageFolderDataModule, recipe:
         val = eval_features(classifier, datamodule, "val", runner, step)
     train = CachedFeatures(torch.cat([p.features for p in passes]), torch.cat([p.labels for p in passes]),
                            sorted({f for p in passes for f in p.skipped}), sum(p.seconds for p in passes))
-    result = fit_linear_probe(train, val, classifier.num_classes, class_weights=class_weights)
+    result = fit_linear_probe(train, val, classifier.num_classes, class_weights=class_weights) \
+        if ranks.main else None
+    result = ranks.broadcast(result)
     classifier.set_linear_head(result.weight, result.bias, result.mean, result.std)
-    runs.write_probe_sweep(run_dir, result.sweep)
+    if ranks.main:
+        runs.write_probe_sweep(run_dir, result.sweep)
     probe = Probe(result, tuple(name for name, _, _ in views), int(train.features.shape[1]),
                   train.seconds + val.seconds, val.backend, val, runner, classifier.test_flip,
                   class_weights is not None, set(train.skipped) | set(val.skipped))
@@ -106,9 +112,17 @@ def eval_features(classifier: Classifier, datamodule: ImageFolderDataModule, spl
 
 def _extract(classifier: Classifier, datamodule: ImageFolderDataModule, split: str, runner: FrozenPass,
              step: Step | None = None, *, augment: bool = False, mirror: bool = False) -> CachedFeatures:
+    """One pass over ``split``; with several ranks each computes its share and every rank gets them all."""
     workers = loader_workers(runner.requested, datamodule.num_workers)
-    return extract_features(classifier, datamodule.feature_loader(split, augment, num_workers=workers),
+    ranks = datamodule.ranks
+    mine = extract_features(classifier, datamodule.feature_loader(split, augment, num_workers=workers, shard=True),
                             runner=runner, mirror=mirror, on_batch=step)
+    if not ranks.distributed:
+        return mine
+    shares = ranks.gather(mine)
+    return CachedFeatures(torch.cat([s.features for s in shares]), torch.cat([s.labels for s in shares]),
+                          sorted({f for s in shares for f in s.skipped}), max(s.seconds for s in shares),
+                          mine.backend)
 
 
 def head_scores(classifier: Classifier, cached: CachedFeatures) -> tuple[torch.Tensor, dict[str, float]]:
@@ -133,12 +147,13 @@ def test_scores(classifier: Classifier, datamodule: ImageFolderDataModule, probe
 
 
 def finish_probe_only(module: TransferModule, probe: Probe, datamodule: ImageFolderDataModule, run_dir: Path,
-                      phases: Phases) -> Outcome:
+                      phases: Phases, ranks: Ranks) -> Outcome:
     """A frozen-backbone recipe is done after the probe: its scores come from the cached features."""
     val_logits, val = head_scores(module.classifier, probe.val)
     test, skipped = test_scores(module.classifier, datamodule, probe, phases)
-    runs.save_checkpoint(run_dir / "checkpoints", module.state_dict(), {"phase": "probe", "val": val})
-    runs.write_final_metrics(run_dir / "metrics.csv", val)
+    if ranks.main:
+        runs.save_checkpoint(run_dir / "checkpoints", module.state_dict(), {"phase": "probe", "val": val})
+        runs.write_final_metrics(run_dir / "metrics.csv", val)
     seconds = probe.features_s + probe.result.seconds
     return Outcome(training=f"probe: linear head by L-BFGS on cached features of the {', '.join(probe.views)}",
                    selection=probe.selection, val=val, test=test, val_logits=val_logits, val_labels=probe.val.labels,
@@ -161,7 +176,7 @@ def probed_model(module: TransferModule, probe: Probe) -> ProbedModel:
 
 
 def keep_the_better(module: TransferModule, probed: ProbedModel, probe: Probe, outcome: Outcome,
-                    datamodule: ImageFolderDataModule, run_dir: Path, phases: Phases) -> Outcome:
+                    datamodule: ImageFolderDataModule, run_dir: Path, phases: Phases, ranks: Ranks) -> Outcome:
     """Fine-tuning keeps its best epoch on validation accuracy; when the probed head alone scored higher than
     every epoch, the probed model is the best one and is what the run keeps (``best.ckpt``, the export)."""
     if probed.val["acc"] <= outcome.val["acc"]:
@@ -170,9 +185,10 @@ def keep_the_better(module: TransferModule, probed: ProbedModel, probe: Probe, o
              probed.val["acc"], outcome.val["acc"])
     module.load_state_dict(probed.state)
     test, skipped = test_scores(module.classifier, datamodule, probe, phases)
-    runs.save_checkpoint(run_dir / "checkpoints", module.state_dict(),
-                         {"phase": "probe", "val": probed.val, "fine_tuned_best_val": outcome.val},
-                         names=("best.ckpt",))
+    if ranks.main:
+        runs.save_checkpoint(run_dir / "checkpoints", module.state_dict(),
+                             {"phase": "probe", "val": probed.val, "fine_tuned_best_val": outcome.val},
+                             names=("best.ckpt",))
     beaten = f"the probed head (val acc {probed.val['acc']:.4f}) beat every fine-tuned epoch " \
              f"(best {outcome.val['acc']:.4f}) and was kept"
     return Outcome(training=f"{outcome.training}; {beaten}", selection=f"{probe.selection}; {beaten}",

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from finetune.data import ImageFolderDataModule, scan_image_folder
-from finetune.data.balance import IMBALANCE_RATIO, class_balanced_sampler, class_weights, plan_balance
+from finetune.data.balance import IMBALANCE_RATIO, class_weights, plan_balance
+from finetune.data.sampling import EpochSampler, balanced_weights
 
 CONFIG = {"input_size": (3, 32, 32), "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.5,) * 3,
           "crop_pct": 1.0}
@@ -36,17 +37,18 @@ def test_weights_are_inverse_frequency_with_mean_one() -> None:
 
 def test_sampler_draws_classes_about_equally_and_is_seeded() -> None:
     labels = [0] * 900 + [1] * 100
-    drawn = Counter(labels[i] for i in class_balanced_sampler(labels, seed=1))
+    sampler = EpochSampler(len(labels), seed=1, weights=balanced_weights(labels))
+    drawn = Counter(labels[i] for i, _ in sampler)
     assert 400 < drawn[1] < 600
-    assert list(class_balanced_sampler(labels, seed=1)) == list(class_balanced_sampler(labels, seed=1))
+    assert list(sampler) == list(EpochSampler(len(labels), seed=1, weights=balanced_weights(labels)))
 
 
 def test_datamodule_uses_the_sampler_when_asked(tmp_path: Path, make_class_folder) -> None:
     splits = scan_image_folder(make_class_folder(tmp_path / "d", {"a": 30, "b": 5}))
     plain = ImageFolderDataModule(splits, CONFIG, batch_size=4, num_workers=0)
     balanced = ImageFolderDataModule(splits, CONFIG, batch_size=4, num_workers=0, class_balanced=True)
-    assert plain.train_dataloader().sampler.__class__.__name__ == "RandomSampler"
+    assert plain.train_dataloader().sampler.weights is None
     loader = balanced.train_dataloader()
-    assert loader.sampler.__class__.__name__ == "WeightedRandomSampler"
+    assert loader.sampler.weights is not None
     labels = Counter(int(label) for _, batch, _ in loader for label in batch)
     assert labels[1] > 5  # the small class is drawn far more often than its share
