@@ -217,7 +217,6 @@ class ImageFolderDataModule(pl.LightningDataModule):
         *,
         shuffle: bool = False,
         drop_last: bool = False,
-        generator: torch.Generator | None = None,
         persistent: bool = True,
         sampler: Sampler[int] | None = None,
         num_workers: int | None = None,
@@ -230,7 +229,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
             shuffle=shuffle,
             sampler=sampler,
             drop_last=drop_last,
-            generator=generator,
+            # the loader's own seeded generator: starting an epoch's iterator draws from it, never from torch's
+            # global generator, which dropout draws from and a resumed run restores (phases/resume.py)
+            generator=torch.Generator().manual_seed(self.seed),
             num_workers=workers,
             persistent_workers=persistent and workers > 0,
             pin_memory=self.pin_memory,

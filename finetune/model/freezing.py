@@ -48,7 +48,9 @@ class StagedFinetuning(pl.Callback):
         if stage == "fit":
             pl_module.classifier.set_trainable(self.unfreeze_stages)
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After a checkpoint's loops are restored (``on_fit_start`` comes before): a run resumed inside an
+        epoch gets no ``on_train_epoch_start`` for it, and must still be in that epoch's phase."""
         self._apply(pl_module, trainer.current_epoch)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
