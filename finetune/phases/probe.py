@@ -13,6 +13,7 @@ import torch
 
 from .. import runs
 from ..data import ImageFolderDataModule
+from ..device import Device
 from ..model.classifier import Classifier
 from ..model.frozen_forward import FrozenPass, loader_workers
 from ..model.module import TransferModule, metrics_from_logits
@@ -111,12 +112,13 @@ def _extract(classifier: Classifier, datamodule: ImageFolderDataModule, split: s
                             runner=runner, mirror=mirror, on_batch=step)
 
 
-def head_scores(classifier: Classifier, cached: CachedFeatures) -> tuple[torch.Tensor, dict[str, float]]:
-    """The head's logits on cached features (moved to wherever the head is; the logits come back to the
-    CPU), and their metrics."""
-    head_device = next(classifier.parameters()).device
+def head_scores(classifier: Classifier, cached: CachedFeatures,
+                device: Device) -> tuple[torch.Tensor, dict[str, float]]:
+    """The head's logits on cached features, computed on ``device`` (the frozen pass's: ``runner.device``),
+    where both are placed; the logits come back to the CPU. Also their metrics."""
+    device.place(classifier)  # after Lightning's epochs the model is back on the CPU
     with torch.inference_mode():
-        logits = classifier.head_logits(cached.features.to(head_device)).float().cpu()
+        logits = classifier.head_logits(device.place(cached.features)).float().cpu()
     return logits, metrics_from_logits(logits, cached.labels, classifier.num_classes)
 
 
