@@ -3,16 +3,20 @@ finetune calls ``torch.cuda``): every phase, loader and Lightning Trainer takes 
 
 from __future__ import annotations
 
+import contextlib
 import platform
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from .errors import UsageError
 
 ACCELERATORS = ("auto", "cpu", "gpu", "mps")
+
+Placeable = TypeVar("Placeable", torch.Tensor, torch.nn.Module)
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,23 @@ class Device:
         """Pinned host memory speeds up copies to a CUDA device and does nothing for the others."""
         return self.kind == "cuda"
 
+    def place(self, x: Placeable) -> Placeable:
+        """``x`` on this device: every tensor and module that finetune computes with gets there through this.
+        A module is moved in place (and returned); a tensor is copied without blocking where ``pin_memory``."""
+        if isinstance(x, torch.nn.Module):
+            return x.to(self.torch)
+        return x.to(self.torch, non_blocking=self.pin_memory)
+
+    @contextlib.contextmanager
+    def exact(self) -> Iterator[None]:
+        """fp32 computed as fp32 (no TF32 in CUDA convolutions and matrix products), for parity checks."""
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
 
 def resolve_device(accelerator: str = "auto") -> Device:
     """``auto``: a CUDA GPU when one is visible, else Apple's MPS, else the CPU. ``gpu``/``mps`` insist."""
@@ -50,7 +71,7 @@ def resolve_device(accelerator: str = "auto") -> Device:
         return Device("cuda", torch.cuda.get_device_name(), torch.cuda.is_bf16_supported())
     if mps and accelerator in ("auto", "mps"):
         return Device("mps", "Apple MPS", False)
-    return Device("cpu", "CPU", cpu_has_bf16())
+    return CPU
 
 
 def cpu_has_bf16() -> bool:
@@ -61,6 +82,9 @@ def cpu_has_bf16() -> bool:
         return platform.machine() == "arm64" and platform.system() == "Darwin"  # Apple M2+ have bf16
     flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
     return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+CPU = Device("cpu", "CPU", cpu_has_bf16())  # what resolve_device returns for the CPU; the default of placements
 
 
 def rng_states() -> dict[str, Any]:

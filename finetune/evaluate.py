@@ -80,13 +80,14 @@ def _ratio(a: float, b: float) -> float:
 
 def evaluate(model: str | os.PathLike[str] | Predictor, folder: str | os.PathLike[str], *,
              out: str | os.PathLike[str] | None = None, batch_size: int = DEFAULT_BATCH_SIZE, tta: bool = False,
-             backend: str = "auto") -> Evaluation:
-    """Score ``model`` on ``folder/<class>/<images>`` (class names from the model's labels).
+             backend: str = "auto", accelerator: str = "auto") -> Evaluation:
+    """Score ``model`` on ``folder/<class>/<images>`` (class names from the model's labels); ``backend`` and
+    ``accelerator`` are `finetune.predict.load`'s.
 
     Writes metrics.json, per_class.csv, confusion.csv, confusion.png and predictions.csv to ``out``
     (default: ``<model>/eval-<folder name>``); unreadable images are skipped and listed.
     """
-    predictor = model if isinstance(model, Predictor) else load(model, backend)
+    predictor = model if isinstance(model, Predictor) else load(model, backend, accelerator=accelerator)
     folder = Path(folder)
     samples = labelled_images(folder, predictor.labels)
     index = {label: i for i, label in enumerate(predictor.labels)}

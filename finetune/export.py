@@ -42,6 +42,7 @@ from torch import nn
 
 from . import __version__, runs
 from .data import build_transforms, load_rgb, parse_data_config
+from .device import CPU, Device, resolve_device
 from .errors import FinetuneError, ImageDecodeError, UsageError, first_line
 from .files import atomic_write_bytes, atomic_write_json, sha256_file
 from .formats import (  # noqa: F401 - export.DEFAULT_FORMATS etc. are part of its API
@@ -134,9 +135,12 @@ def _validation_files(run_dir: Path) -> list[Path]:
 
 # --- parity ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def reference_outputs(classifier: nn.Module, images: CheckImages, temperature: float) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and probabilities of the eager fp32 model on the eval-transformed images."""
-    logits = classifier.float().eval()(images.normalised).float()
+def reference_outputs(classifier: nn.Module, images: CheckImages, temperature: float,
+                      device: Device = CPU) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and probabilities of the eager fp32 model on the eval-transformed images, computed on ``device``
+    (a copy of ``classifier`` is placed there: the exporters trace the one on the CPU)."""
+    model = device.place(copy.deepcopy(classifier).float().eval())
+    logits = model(device.place(images.normalised)).float().cpu()
     return logits.numpy(), (logits / temperature).softmax(dim=1).numpy()
 
 
@@ -162,11 +166,13 @@ def parity(run: Runner, images: CheckImages, reference: tuple[np.ndarray, np.nda
     return figures
 
 
-def _torch_runner(model: nn.Module) -> Runner:
+def _torch_runner(model: nn.Module, device: Device) -> Runner:
+    device.place(model)
+
     @torch.no_grad()
     def run(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        logits, probs = model(torch.from_numpy(pixels))
-        return logits.numpy(), probs.numpy()
+        logits, probs = model(device.place(torch.from_numpy(pixels)))
+        return logits.cpu().numpy(), probs.cpu().numpy()
 
     return run
 
@@ -183,11 +189,12 @@ def _onnx_runner(path: Path) -> Runner:
 
 # --- the formats -----------------------------------------------------------------------------------------
 # Each writer puts its files into the staging folder and returns (file names, a runner that loads them
-# back the way a consumer would, details for the manifest).
+# back the way a consumer would, details for the manifest). PyTorch runners compute on the device given,
+# onnxruntime on the CPU; the exporters trace the classifier on the CPU.
 Written = tuple[list[str], Runner, dict[str, Any]]
 
 
-def _write_safetensors(classifier: nn.Module, config: dict[str, Any], staging: Path) -> Written:
+def _write_safetensors(classifier: nn.Module, config: dict[str, Any], staging: Path, device: Device) -> Written:
     weights = safetensors.torch.save(runs.export_state_dict(classifier), metadata={"format": "pt"})
     atomic_write_bytes(staging / runs.WEIGHTS_NAME, weights)
     if config.get("finetune", {}).get("head", "linear") == "linear":
@@ -200,7 +207,8 @@ def _write_safetensors(classifier: nn.Module, config: dict[str, Any], staging: P
     else:
         model, _ = runs.load_model(staging)
         loader = "finetune.runs.load_model (multi-stage head)"
-    return [runs.WEIGHTS_NAME], _torch_runner(ServingModel.from_config(model.eval(), config)), {"loaded_with": loader}
+    runner = _torch_runner(ServingModel.from_config(model.eval(), config), device)
+    return [runs.WEIGHTS_NAME], runner, {"loaded_with": loader}
 
 
 def _example_input(config: dict[str, Any]) -> torch.Tensor:
@@ -208,7 +216,7 @@ def _example_input(config: dict[str, Any]) -> torch.Tensor:
     return torch.zeros((2, *config["pretrained_cfg"]["input_size"]), dtype=torch.uint8)
 
 
-def _write_onnx(classifier: nn.Module, config: dict[str, Any], staging: Path) -> Written:
+def _write_onnx(classifier: nn.Module, config: dict[str, Any], staging: Path, device: Device) -> Written:
     import onnx
 
     serving = ServingModel.from_config(classifier, config)
@@ -287,17 +295,18 @@ def onnx_metadata(config: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def _write_pt2(classifier: nn.Module, config: dict[str, Any], staging: Path) -> Written:
+def _write_pt2(classifier: nn.Module, config: dict[str, Any], staging: Path, device: Device) -> Written:
     serving = ServingModel.from_config(classifier, config)
     batch = torch.export.Dim("batch")
     with warnings.catch_warnings(), _quiet("torch.export"):
         warnings.simplefilter("ignore")
         program = torch.export.export(serving, (_example_input(config),), dynamic_shapes=({0: batch},))
         torch.export.save(program, str(staging / PT2_NAME), extra_files={"config.json": json.dumps(config)})
-    return [PT2_NAME], _torch_runner(load_pt2(staging / PT2_NAME)), {"exporter": "torch.export", "load": "load_pt2"}
+    runner = _torch_runner(load_pt2(staging / PT2_NAME), device)
+    return [PT2_NAME], runner, {"exporter": "torch.export", "load": "load_pt2"}
 
 
-WRITERS: dict[str, Callable[[nn.Module, dict[str, Any], Path], Written]] = {
+WRITERS: dict[str, Callable[[nn.Module, dict[str, Any], Path, Device], Written]] = {
     "safetensors": _write_safetensors,
     "onnx": _write_onnx,
     "pt2": _write_pt2,
@@ -325,41 +334,46 @@ def export_run(
     images: Sequence[str | Path] | None = None,
     n_images: int = PARITY_IMAGES,
     batch_sizes: Sequence[int] = PARITY_BATCH_SIZES,
+    accelerator: str = "auto",
 ) -> dict[str, Any]:
     """Export the model of a run folder to ``out`` (default ``RUN/export``) and return the manifest.
 
     Each format is checked against the eager fp32 model on ``n_images`` validation images of the run (or
     ``images``) at each of ``batch_sizes``; a failed check raises `ExportError` and that format's files are
     not written. The manifest (``manifest.json``) records the input contract, the files and the figures.
+    The eager model and the PyTorch-loaded formats compute on ``accelerator`` (``device.resolve_device``;
+    without TF32), ONNX in onnxruntime on the CPU.
     """
     run_dir = Path(run_dir)
     chosen = parse_formats(formats)
     tune_allocator()
+    device = resolve_device(accelerator)
     classifier, config = runs.load_model(run_dir)
     out = Path(out) if out is not None else run_dir / EXPORT_DIR
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder for the export")
     started = time.perf_counter()
     sample = check_images(run_dir, config, n_images, images, max(batch_sizes))
-    reference = reference_outputs(classifier, sample, runs.temperature(config))
-    manifest = _manifest(run_dir, config, sample)
+    manifest = _manifest(run_dir, config, sample) | {"parity_device": device.name}
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
     try:
-        atomic_write_json(staging / runs.CONFIG_NAME, config)
-        for fmt in chosen:
-            t0 = time.perf_counter()
-            files, run, details = WRITERS[fmt](classifier, config, staging)
-            figures = parity(run, sample, reference, batch_sizes)
-            if not figures["passed"]:
-                raise ExportError(f"the {fmt} export of {run_dir} does not predict what the trained model "
-                                  f"predicts: {_describe(figures)}; nothing was written for it. Please report "
-                                  "this with the model name; other formats may still work (--format)")
-            for name in files:
-                os.replace(staging / name, out / name)
-            manifest["formats"][fmt] = {"files": {name: _file_entry(out / name) for name in files}, **details,
-                                        "parity": figures, "seconds": round(time.perf_counter() - t0, 2)}
-            log.info("exported %s: %s", fmt, _describe(figures))
+        with device.exact():
+            reference = reference_outputs(classifier, sample, runs.temperature(config), device)
+            atomic_write_json(staging / runs.CONFIG_NAME, config)
+            for fmt in chosen:
+                t0 = time.perf_counter()
+                files, run, details = WRITERS[fmt](classifier, config, staging, device)
+                figures = parity(run, sample, reference, batch_sizes)
+                if not figures["passed"]:
+                    raise ExportError(f"the {fmt} export of {run_dir} does not predict what the trained model "
+                                      f"predicts: {_describe(figures)}; nothing was written for it. Please report "
+                                      "this with the model name; other formats may still work (--format)")
+                for name in files:
+                    os.replace(staging / name, out / name)
+                manifest["formats"][fmt] = {"files": {name: _file_entry(out / name) for name in files}, **details,
+                                            "parity": figures, "seconds": round(time.perf_counter() - t0, 2)}
+                log.info("exported %s: %s", fmt, _describe(figures))
         os.replace(staging / runs.CONFIG_NAME, out / runs.CONFIG_NAME)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

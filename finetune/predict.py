@@ -1,8 +1,9 @@
 """Predict with a run or an export: images in, labels with calibrated scores out.
 
-``load(path)`` accepts a run folder, an export folder or a ``model.onnx`` file. It runs the ONNX export with
-onnxruntime when there is one (a run folder's ``export/model.onnx`` counts) and the safetensors weights with
-torch otherwise: that choice is the *backend*, and the object that runs the model is its *runner*. Both
+``load(path)`` accepts a run folder, an export folder or a ``model.onnx`` file. On the CPU it runs the ONNX
+export with onnxruntime when there is one (a run folder's ``export/model.onnx`` counts) and the safetensors
+weights with torch otherwise; on an accelerator (``device.resolve_device``) it runs torch there. That choice
+is the *backend*, and the object that runs the model is its *runner*. Both
 runners get identical inputs: each image is decoded to RGB (``load_rgb``), resized and centre-cropped to the
 model's input size exactly as validation did, and handed over as uint8 NCHW; the model normalises and
 applies the calibration temperature itself (see ``finetune.export``). Scoring a labelled folder is
@@ -27,6 +28,7 @@ import torch
 from . import formats, runs, serving
 from .data import load_rgb, parse_data_config
 from .data.paths import walk_images
+from .device import CPU, Device, resolve_device
 from .errors import ImageDecodeError, UsageError
 from .runtime import onnx_session, tune_allocator, usable_cpus
 
@@ -81,17 +83,21 @@ class OnnxRunner:
 
 
 class TorchRunner:
-    def __init__(self, model: torch.nn.Module, name: str = "torch", autocast: torch.dtype | None = None) -> None:
+    """The model in PyTorch on ``device``: the model and every batch are placed there."""
+
+    def __init__(self, model: torch.nn.Module, name: str = "torch", autocast: torch.dtype | None = None,
+                 device: Device = CPU) -> None:
         self.name = name
-        self.model = model.eval()
+        self.device = device
+        self.model = device.place(model.eval())
         self.autocast = autocast
         tune_allocator()
 
     @torch.inference_mode()
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        with torch.autocast("cpu", dtype=self.autocast, enabled=self.autocast is not None):
-            _, probabilities = self.model(torch.from_numpy(pixels))
-        return probabilities.float().numpy()
+        with torch.autocast(self.device.kind, dtype=self.autocast, enabled=self.autocast is not None):
+            _, probabilities = self.model(self.device.place(torch.from_numpy(pixels)))
+        return probabilities.float().cpu().numpy()
 
 
 class Predictor:
@@ -233,41 +239,48 @@ def _check_positive(name: str, value: int) -> None:
 
 
 # --- loading ---------------------------------------------------------------------------------------------
-def load(path: str | os.PathLike[str], backend: str = "auto", threads: int | None = None) -> Predictor:
+def load(path: str | os.PathLike[str], backend: str = "auto", threads: int | None = None,
+         accelerator: str = "auto") -> Predictor:
     """A Predictor for a run folder, an export folder or a ``.onnx`` file.
 
-    ``backend="auto"`` uses onnxruntime when an ONNX export is there (a run folder's ``export/model.onnx``
-    counts) and torch otherwise; ``"onnx"`` or ``"torch"`` insist. Nothing executable is read from the
-    files: ONNX graphs, safetensors weights, JSON configs (and ``weights_only`` for a ``.pt2``).
+    ``accelerator`` (``auto``, ``cpu``, ``gpu``, ``mps``) is resolved by ``device.resolve_device``; torch
+    runs there, onnxruntime on the CPU. ``backend="auto"`` uses onnxruntime on the CPU when an ONNX export is
+    there (a run folder's ``export/model.onnx`` counts) and torch otherwise; ``"onnx"`` or ``"torch"``
+    insist. Nothing executable is read from the files: ONNX graphs, safetensors weights, JSON configs (and
+    ``weights_only`` for a ``.pt2``).
     """
     if backend not in BACKENDS:
         raise UsageError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    device = resolve_device(accelerator)
     path = Path(path)
     if path.is_file() and path.suffix == ".onnx":
         if backend == "torch":
             raise UsageError(f"{path} is an ONNX file; the torch backend needs a run or export folder")
-        return _onnx_predictor(path, threads)
+        return _onnx_predictor(path, threads, device, accelerator)
     if not path.is_dir():
         raise UsageError(f"model {path} not found: give a run folder, an export folder or a .onnx file")
     if (path / runs.CONFIG_NAME).is_file():
         _read_config(path)  # the folder's format version, checked before any model file is read
     onnx_file = next((p for p in (path / formats.ONNX_NAME, path / formats.EXPORT_DIR / formats.ONNX_NAME)
                       if p.is_file()), None)
-    if backend in ("auto", "onnx") and onnx_file is not None:
-        return _onnx_predictor(onnx_file, threads)
+    if onnx_file is not None and (backend == "onnx" or (backend == "auto" and device.kind == "cpu")):
+        return _onnx_predictor(onnx_file, threads, device, accelerator)
     if backend == "onnx":
         raise UsageError(f"no ONNX export in {path}: run `finetune export {path}` first, or use --backend torch")
-    return _torch_predictor(path, threads)
+    return _torch_predictor(path, threads, device)
 
 
-def _onnx_predictor(path: Path, threads: int | None) -> Predictor:
+def _onnx_predictor(path: Path, threads: int | None, device: Device, accelerator: str) -> Predictor:
+    if device.kind != "cpu" and accelerator != "auto":
+        raise UsageError(f"onnxruntime runs {path.name} on the CPU, not on --accelerator {accelerator}; use "
+                         "--backend torch with a run or export folder, or --accelerator cpu")
     runner = OnnxRunner(path, threads)
     embedded = runner.config()
     config = runs.check_format(embedded, path) if embedded else _read_config(path.parent)
     return Predictor(runner, config, path)
 
 
-def _torch_predictor(folder: Path, threads: int | None) -> Predictor:
+def _torch_predictor(folder: Path, threads: int | None, device: Device) -> Predictor:
     if threads:
         torch.set_num_threads(threads)
     if (folder / runs.WEIGHTS_NAME).is_file():
@@ -279,7 +292,7 @@ def _torch_predictor(folder: Path, threads: int | None) -> Predictor:
     else:
         raise UsageError(f"{folder} has no model ({runs.WEIGHTS_NAME}, {formats.ONNX_NAME} or {formats.PT2_NAME}): "
                          "give a run folder written by `finetune fit` or an export folder")
-    return Predictor(TorchRunner(model), config, folder)
+    return Predictor(TorchRunner(model, device=device), config, folder)
 
 
 def _read_config(folder: Path) -> dict[str, Any]:

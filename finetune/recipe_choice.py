@@ -54,7 +54,7 @@ def measure_domain(backbone: torch.nn.Module, splits: DatasetSplits, data_config
     workers = loader_workers(engine, default_num_workers() if num_workers is None else num_workers)
     loader = DataLoader(dataset, batch_size=64, num_workers=workers, collate_fn=collate_skipping)
     with (phases or Phases(enabled=False)).run(f"domain gap on {len(sample)} training images", len(sample)) as step:
-        return measure_domain_gap(backbone, loader, max_images=DOMAIN_SAMPLE_IMAGES, device=device.kind,
+        return measure_domain_gap(backbone, loader, max_images=DOMAIN_SAMPLE_IMAGES, device=device,
                                   bf16=precision.lightning == "bf16-mixed", backend=engine, on_batch=step)
 
 

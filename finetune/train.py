@@ -227,7 +227,7 @@ def _fit(a: FitArguments, continuing: Path | None) -> FitResult:
                                     progress, a, ranks, resume)
 
     summary = _finish(_Run(data_dir, run_dir, choice, checked, prec, engine, a.feature_backend, balance, timings,
-                           started), classifier, module, outcome, probe, a.export, phases) \
+                           started, device), classifier, module, outcome, probe, a.export, phases) \
         if ranks.main else {}
     ranks.barrier()  # every rank ends when the run folder is complete
     return FitResult(run_dir=run_dir, recipe=r, val=outcome.val, test=outcome.test, summary=summary)
@@ -247,6 +247,7 @@ class _Run:
     balance: BalancePlan
     timings: dict[str, float]
     started: float
+    device: Device  # where the export's parity check runs
 
 
 def _finish(run: _Run, classifier: Classifier, module: TransferModule, outcome: Outcome, probe: Probe | None,
@@ -259,7 +260,7 @@ def _finish(run: _Run, classifier: Classifier, module: TransferModule, outcome: 
                                       "temperature": calibration.temperature})
     runs.save_model(run.run_dir, classifier, config)
     timings = run.timings | {"calibrate_and_save_s": time.perf_counter() - saved}
-    exported = _export(run.run_dir, export, phases)
+    exported = _export(run.run_dir, export, phases, run.device)
     timings |= outcome.timings | {"export_s": exported["seconds"] if exported else 0.0,
                                   "total_s": time.perf_counter() - run.started}
     engine = {"requested": run.requested_engine, "chosen": run.engine.name, "reason": run.engine.reason}
@@ -370,7 +371,7 @@ def _train(classifier: Classifier, datamodule: ImageFolderDataModule, r: Recipe,
     probe = None
     if use_probe:
         weights = balance.class_weights if balance.method != "none" else None
-        probe = run_probe(classifier, datamodule, r, precision=prec, engine=engine, device=device.kind,
+        probe = run_probe(classifier, datamodule, r, precision=prec, engine=engine, device=device,
                           run_dir=run_dir, phases=phases, class_weights=weights, ranks=ranks)
     module = TransferModule(classifier, r, probed=probe is not None, channels_last=prec.channels_last,
                             class_weights=balance.class_weights if balance.method == "loss_weights" else None)
@@ -388,12 +389,13 @@ def _train(classifier: Classifier, datamodule: ImageFolderDataModule, r: Recipe,
     return outcome, module, probe
 
 
-def _export(run_dir: Path, formats: str | Sequence[str] | None, phases: Phases) -> dict[str, Any] | None:
+def _export(run_dir: Path, formats: str | Sequence[str] | None, phases: Phases,
+            device: Device) -> dict[str, Any] | None:
     if not formats:
         return None
     started = time.perf_counter()
     with phases.run("export and parity checks", 1, unit="run") as step:
-        manifest = export_run(run_dir, formats)
+        manifest = export_run(run_dir, formats, accelerator=device.accelerator)
         step(1)
     return {"seconds": time.perf_counter() - started,
             **{fmt: entry["parity"] for fmt, entry in manifest["formats"].items()}}

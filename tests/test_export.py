@@ -18,6 +18,7 @@ from imagefolders import make_image_folder
 
 from finetune import export, runs
 from finetune.cli import main
+from finetune.device import CPU
 from finetune.errors import UsageError
 from finetune.export import DEFAULT_FORMATS, FORMATS, ExportError, export_run, parse_formats
 from finetune.model.surgery import FixedPadConv, fix_same_padding
@@ -137,8 +138,8 @@ def test_the_temperature_is_inside_every_export(exported):
 def test_a_failed_parity_check_is_an_error_and_writes_nothing(runs_by_head, tmp_path, monkeypatch):
     real = export.WRITERS["onnx"]
 
-    def drifting(classifier, config, staging):
-        files, run, details = real(classifier, config, staging)
+    def drifting(classifier, config, staging, device):
+        files, run, details = real(classifier, config, staging, device)
         return files, lambda pixels: tuple(o + 1e-3 for o in run(pixels)), details
 
     monkeypatch.setitem(export.WRITERS, "onnx", drifting)
@@ -319,7 +320,7 @@ def test_onnx_export_takes_the_quick_path_and_falls_back_to_dynamo(tmp_path, mon
     classifier, config = _tf_padded()
     quick = tmp_path / "quick"
     quick.mkdir()
-    _, run, details = export._write_onnx(classifier, config, quick)
+    _, run, details = export._write_onnx(classifier, config, quick, CPU)
     assert "fixed TF padding" in details["exporter"]
     graph = onnx.load(str(quick / export.ONNX_NAME))
     assert not {n.op_type for n in graph.graph.node} & {"Shape", "Size"}  # no shape arithmetic at run time
@@ -331,6 +332,6 @@ def test_onnx_export_takes_the_quick_path_and_falls_back_to_dynamo(tmp_path, mon
     monkeypatch.setattr(export, "fix_same_padding", lambda model, example: model)
     slow = tmp_path / "slow"
     slow.mkdir()
-    _, run, details = export._write_onnx(classifier, config, slow)
+    _, run, details = export._write_onnx(classifier, config, slow, CPU)
     assert details["exporter"] == "torch.onnx.export (dynamo)"
     assert np.allclose(run(batch)[0], want, atol=1e-4)

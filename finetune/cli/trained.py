@@ -12,6 +12,7 @@ from rich.table import Table
 
 from .. import arguments as check
 from ..arguments import MAX_PROCESSES
+from ..device import ACCELERATORS
 from ..errors import UsageError
 from ..formats import DEFAULT_FORMATS
 
@@ -32,6 +33,8 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="export folder (default RUN/export)")
     p.add_argument("--images", nargs="+", metavar="PATH",
                    help="images for the parity check (files, folders, globs); default: the run's validation images")
+    _add_accelerator(p, "where the trained model and the PyTorch-loaded exports compute for the parity check "
+                        "(ONNX runs on the CPU): auto (a CUDA GPU, else Apple MPS, else the CPU), cpu, gpu or mps")
 
 
 def check_export(args: argparse.Namespace) -> None:
@@ -53,7 +56,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     images = None
     if args.images:
         images = [path for _, path in find_images(args.images) if not isinstance(path, str)]
-    manifest = export_run(args.run, args.format, args.out, images=images)
+    manifest = export_run(args.run, args.format, args.out, images=images, accelerator=args.accelerator)
     table = Table(title=escape(f"export of {args.run}: parity with the trained model on "
                                f"{len(manifest['parity_images'])} images"))
     for column in ("format", "file", "MB", "top-1 agree", "max |dp| bs 1", "max |dp| bs 7"):
@@ -70,17 +73,27 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_accelerator(p: argparse.ArgumentParser, text: str) -> None:
+    p.add_argument("--accelerator", choices=ACCELERATORS, default="auto", help=text)
+
+
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per batch, at least 1 (default 32)")
     p.add_argument("--tta", action="store_true",
                    help="average over the image and its horizontal mirror (built into models with test_flip)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="auto: onnxruntime when MODEL has an ONNX export, torch otherwise")
+                   help="auto: onnxruntime when MODEL has an ONNX export and the device is the CPU, torch otherwise")
+    _add_accelerator(p, "where torch computes (onnxruntime runs on the CPU): auto (a CUDA GPU, else Apple MPS, "
+                        "else the CPU), cpu, gpu or mps")
+    p.add_argument("--devices", type=int, default=1, help="devices to use: 1 (one device is used)")
 
 
 def _check_model(args: argparse.Namespace) -> None:
     source = check.model_source("MODEL", args.model)
     check.positive_int("--batch-size", args.batch_size, example=32)
+    if args.devices != 1:
+        raise UsageError(f"--devices {args.devices}: predict and evaluate run on one device; give --devices 1 "
+                         "or leave it out")
     if source.is_file() and args.backend == "torch":
         raise UsageError(f"MODEL {source} is an ONNX file and --backend torch needs a run or export folder; "
                          "use --backend onnx or give the folder")
@@ -116,7 +129,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from ..predict_output import WRITERS
     from . import console
 
-    predictor = load(args.model, args.backend, threads=args.threads)
+    predictor = load(args.model, args.backend, threads=args.threads, accelerator=args.accelerator)
     console.print(f"{predictor.config['architecture']}, {len(predictor.labels)} classes, "
                   f"backend {predictor.runner.name}", highlight=False)
     stream = predictor.predict_iter(args.paths, top_k=args.top_k, batch_size=args.batch_size, tta=args.tta)
@@ -158,7 +171,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from . import console, out
 
     result = evaluate(args.model, args.data, out=args.out, batch_size=args.batch_size, tta=args.tta,
-                      backend=args.backend)
+                      backend=args.backend, accelerator=args.accelerator)
     table = Table(title=escape(f"{args.model} on {args.data}: {result.images} images"))
     for column in ("class", "precision", "recall", "F1", "images"):
         table.add_column(column, justify="left" if column == "class" else "right")

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..device import CPU, Device
 from .frozen_forward import FrozenPass
 
 # Calibrated on real data (scripts/reference_sets.py; numbers in the README): crops of the scikit-image and
@@ -82,7 +83,7 @@ def measure_domain_gap(
     batches: Iterable,
     *,
     max_images: int = 128,
-    device: torch.device | str = "cpu",
+    device: Device = CPU,
     bf16: bool = False,
     backend: str = "torch",
     on_batch: Callable[[int], None] | None = None,
@@ -98,7 +99,7 @@ def measure_domain_gap(
     if not norms:
         raise ValueError(f"{type(model).__name__} has no BatchNorm running statistics to compare against")
     was_training = model.training
-    forward = FrozenPass(_NormInputMoments(model, norms), backend=backend, device=str(device), bf16=bf16)
+    forward = FrozenPass(_NormInputMoments(model, norms), backend=backend, device=device, bf16=bf16)
     seen, mean_sum, square_sum = 0, None, None
     try:
         for images, *_ in batches:

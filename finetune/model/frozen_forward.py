@@ -25,6 +25,7 @@ from importlib.util import find_spec
 import torch
 from torch import nn
 
+from ..device import CPU, Device
 from ..errors import first_line
 from ..onnx_graph import check_against_eager, trace_onnx
 from ..runtime import onnx_session, usable_cpus
@@ -73,10 +74,11 @@ def loader_workers(backend: str, default: int) -> int:
     return 0 if backend == "onnx" and usable_cpus() <= 2 else default
 
 
-def frozen_forward(module: nn.Module, example: torch.Tensor, *, backend: str = "torch", device: str = "cpu",
+def frozen_forward(module: nn.Module, example: torch.Tensor, *, backend: str = "torch", device: Device = CPU,
                    bf16: bool = False, channels_last: bool = False) -> tuple[Forward, str]:
     """A function running ``module`` (eval mode, no gradient) on batches; ``module`` returns a tensor or a tuple
     of tensors, the function always a tuple of float32 CPU tensors. Also returns the backend actually used.
+    Eager PyTorch runs on ``device`` (module and batches placed by it); onnxruntime on the CPU.
 
     ``example`` is a batch like the ones to come; with ``backend="onnx"`` ``GRAPH_BATCH`` of its images are
     traced, and the graph is checked against eager on other inputs (those images mirrored, in another order),
@@ -84,7 +86,7 @@ def frozen_forward(module: nn.Module, example: torch.Tensor, *, backend: str = "
     module.eval()
     if backend == "onnx":
         try:
-            return _onnx_forward(module, example.cpu()), "onnx"
+            return _onnx_forward(module, CPU.place(example)), "onnx"
         except Exception as exc:  # noqa: BLE001 - any export or runtime failure: eager PyTorch is always right
             log.warning("onnxruntime could not run %s (%s: %s); running it in eager PyTorch", type(module).__name__,
                         type(exc).__name__, first_line(exc))
@@ -94,20 +96,23 @@ def frozen_forward(module: nn.Module, example: torch.Tensor, *, backend: str = "
 class FrozenPass:
     """``module`` run by one backend over many batches and passes. Built on the first batch it sees (so that an
     ONNX graph is traced and checked on real images), then reused: one trace for the training, validation
-    and test passes instead of one each. ``backend`` tells what ran (None before the first batch). The module
-    must not change between passes: an ONNX graph holds a copy of the weights it was traced with."""
+    and test passes instead of one each. ``backend`` tells what ran (None before the first batch), ``device``
+    where eager PyTorch computes. The module must not change between passes: an ONNX graph holds a copy of the
+    weights it was traced with."""
 
-    def __init__(self, module: nn.Module, *, backend: str = "torch", device: str = "cpu", bf16: bool = False,
+    def __init__(self, module: nn.Module, *, backend: str = "torch", device: Device = CPU, bf16: bool = False,
                  channels_last: bool = False) -> None:
         self.module = module
         self.requested = backend
-        self.options = {"device": device, "bf16": bf16, "channels_last": channels_last}
+        self.device = device
+        self.options = {"bf16": bf16, "channels_last": channels_last}
         self.backend: str | None = None
         self._forward: Forward | None = None
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self._forward is None:
-            self._forward, self.backend = frozen_forward(self.module, images, backend=self.requested, **self.options)
+            self._forward, self.backend = frozen_forward(self.module, images, backend=self.requested,
+                                                         device=self.device, **self.options)
         return self._forward(images)
 
 
@@ -115,12 +120,12 @@ def _as_tuple(out: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tenso
     return (out,) if isinstance(out, torch.Tensor) else tuple(out)
 
 
-def _torch_forward(module: nn.Module, device: str, bf16: bool, channels_last: bool) -> Forward:
-    module.to(device)
-    autocast = (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) if bf16 else nullcontext
+def _torch_forward(module: nn.Module, device: Device, bf16: bool, channels_last: bool) -> Forward:
+    autocast = (lambda: torch.autocast(device.kind, dtype=torch.bfloat16)) if bf16 else nullcontext
 
     def run(images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        images = images.to(device)
+        device.place(module)  # on every batch: Lightning's teardown moves a trained model back to the CPU
+        images = device.place(images)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), autocast():
@@ -136,7 +141,7 @@ def _graph_batch(images: torch.Tensor) -> torch.Tensor:
 
 
 def _onnx_forward(module: nn.Module, example: torch.Tensor) -> Forward:
-    module.cpu()
+    CPU.place(module)
     traced = _graph_batch(example)
     check = traced.flip(-1).roll(1, dims=0).contiguous()
     with torch.inference_mode():
@@ -149,7 +154,7 @@ def _onnx_forward(module: nn.Module, example: torch.Tensor) -> Forward:
         return session.run(outputs, {"images": array})
 
     def run(images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        images = images.detach().cpu().float()
+        images = CPU.place(images.detach()).float()
         pieces: list[list[torch.Tensor]] = [[] for _ in outputs]
         for start in range(0, images.shape[0], GRAPH_BATCH):
             piece = images[start:start + GRAPH_BATCH]

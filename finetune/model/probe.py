@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..device import CPU, Device
 from .classifier import Classifier
 from .frozen_forward import FrozenPass
 
@@ -64,7 +65,7 @@ def extract_features(
     classifier: Classifier,
     batches: Iterable,
     *,
-    device: torch.device | str = "cpu",
+    device: Device = CPU,
     bf16: bool = False,
     channels_last: bool = False,
     backend: str = "torch",
@@ -97,10 +98,10 @@ def extract_features(
                           runner.backend or backend)
 
 
-def feature_pass(classifier: Classifier, *, device: torch.device | str = "cpu", bf16: bool = False,
+def feature_pass(classifier: Classifier, *, device: Device = CPU, bf16: bool = False,
                  channels_last: bool = False, backend: str = "torch") -> FrozenPass:
     """What computes ``classifier.head_features``, reusable over several ``extract_features`` passes."""
-    return FrozenPass(HeadFeatures(classifier), backend=backend, device=str(device), bf16=bf16,
+    return FrozenPass(HeadFeatures(classifier), backend=backend, device=device, bf16=bf16,
                       channels_last=channels_last)
 
 

@@ -13,6 +13,7 @@ import torch
 
 from .. import runs
 from ..data import ImageFolderDataModule
+from ..device import Device
 from ..distributed import Ranks
 from ..model.classifier import Classifier
 from ..model.frozen_forward import FrozenPass, loader_workers
@@ -65,7 +66,7 @@ def train_views(recipe: Recipe) -> list[tuple[str, bool, bool]]:
 
 
 def run_probe(classifier: Classifier, datamodule: ImageFolderDataModule, recipe: Recipe, *, precision: Precision,
-              engine: str, device: str, run_dir: Path, phases: Phases,
+              engine: str, device: Device, run_dir: Path, phases: Phases,
               class_weights: Sequence[float] | None = None, ranks: Ranks | None = None) -> Probe:
     """Compute the features once (one trace for every pass; sharded over ``ranks``), fit the head (on rank 0,
     which sends it to the others), install it in ``classifier``."""
@@ -125,12 +126,13 @@ def _extract(classifier: Classifier, datamodule: ImageFolderDataModule, split: s
                           mine.backend)
 
 
-def head_scores(classifier: Classifier, cached: CachedFeatures) -> tuple[torch.Tensor, dict[str, float]]:
-    """The head's logits on cached features (moved to wherever the head is; the logits come back to the
-    CPU), and their metrics."""
-    head_device = next(classifier.parameters()).device
+def head_scores(classifier: Classifier, cached: CachedFeatures,
+                device: Device) -> tuple[torch.Tensor, dict[str, float]]:
+    """The head's logits on cached features, computed on ``device`` (the frozen pass's: ``runner.device``),
+    where both are placed; the logits come back to the CPU. Also their metrics."""
+    device.place(classifier)  # after Lightning's epochs the model is back on the CPU
     with torch.inference_mode():
-        logits = classifier.head_logits(cached.features.to(head_device)).float().cpu()
+        logits = classifier.head_logits(device.place(cached.features)).float().cpu()
     return logits, metrics_from_logits(logits, cached.labels, classifier.num_classes)
 
 
@@ -143,13 +145,13 @@ def test_scores(classifier: Classifier, datamodule: ImageFolderDataModule, probe
     n = len(datamodule.splits.test)
     with phases.run(f"test: {n} held-out images", n * (2 if classifier.test_flip else 1)) as step:
         cached = eval_features(classifier, datamodule, "test", probe.runner, step)
-    return head_scores(classifier, cached)[1], set(cached.skipped)
+    return head_scores(classifier, cached, probe.runner.device)[1], set(cached.skipped)
 
 
 def finish_probe_only(module: TransferModule, probe: Probe, datamodule: ImageFolderDataModule, run_dir: Path,
                       phases: Phases, ranks: Ranks) -> Outcome:
     """A frozen-backbone recipe is done after the probe: its scores come from the cached features."""
-    val_logits, val = head_scores(module.classifier, probe.val)
+    val_logits, val = head_scores(module.classifier, probe.val, probe.runner.device)
     test, skipped = test_scores(module.classifier, datamodule, probe, phases)
     if ranks.main:
         runs.save_checkpoint(run_dir / "checkpoints", module.state_dict(), {"phase": "probe", "val": val})
@@ -171,7 +173,7 @@ class ProbedModel:
 
 
 def probed_model(module: TransferModule, probe: Probe) -> ProbedModel:
-    logits, val = head_scores(module.classifier, probe.val)
+    logits, val = head_scores(module.classifier, probe.val, probe.runner.device)
     return ProbedModel({k: v.detach().clone() for k, v in module.state_dict().items()}, logits, val)
 
 
