@@ -17,8 +17,9 @@ from finetune.phases.resume import ResumePoint
 # augmentation, dropout and stochastic depth on (large-different's): the resumed run must draw what the
 # uninterrupted one drew. fp32 on the CPU with the same thread count is deterministic.
 RUN = ["--recipe", "large-different", "--model", "test_efficientnet", "--no-pretrained",
-       "--set", "cached_features=false", "--epochs", "3", "--set", "freeze_epochs=1", "--batch-size", "6", "--precision", "fp32", "--workers", "0",
-       "--no-export", "--no-progress", "--accelerator", "cpu", "--checkpoint-every", "1"]
+       "--set", "cached_features=false", "--epochs", "3", "--set", "freeze_epochs=1", "--batch-size", "6",
+       "--precision", "fp32", "--workers", "0", "--no-export", "--no-progress", "--accelerator", "cpu",
+       "--checkpoint-every", "1"]
 BATCHES = 6  # 36 training images / 6
 WIDE = {**os.environ, "COLUMNS": "500"}  # log lines unwrapped
 
