@@ -223,6 +223,15 @@ def versions() -> dict[str, str]:
             "torchmetrics": torchmetrics.__version__, "albumentations": albumentations.__version__}
 
 
+def _processes(summary: dict[str, Any]) -> str:
+    """", on 2 processes: 1 machine(s) x 2 device(s) (DDPStrategy, global batch 64)" for a multi-process run."""
+    p = summary.get("processes") or {}
+    if p.get("world", 1) == 1:
+        return ""
+    how = f" ({p['strategy']}, global batch {p['global_batch']})" if "strategy" in p else ""
+    return f", on {p['world']} processes: {p['num_nodes']} machine(s) x {p['devices']} device(s){how}"
+
+
 def write_report(path: Path, summary: dict[str, Any]) -> None:
     """``report.md``: the summary for people."""
     val, test = summary.get("val", {}), summary.get("test", {})
@@ -236,7 +245,7 @@ def write_report(path: Path, summary: dict[str, Any]) -> None:
         f"- training: {summary['training']}",
         f"- model selected by: {summary['selection']} (the validation scores are optimistic; the test split "
         "was used for nothing but the scores below)" if test else f"- model selected by: {summary['selection']}",
-        f"- backbone: `{summary['model']}`, precision {summary['precision']}",
+        f"- backbone: `{summary['model']}`, precision {summary['precision']}{_processes(summary)}",
         f"- skipped unreadable files: {summary['skipped_files']}",
         f"- time: {summary['timings']['total_s']:.0f} s ({summary['train_images_per_s']:.1f} training images/s)",
         "",

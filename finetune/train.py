@@ -224,8 +224,10 @@ def _fit(a: FitArguments, continuing: Path | None) -> FitResult:
     run_dir = continuing or _start_run_dir(a, data_dir, choice, checked.splits, ranks)
     resume = _resume_point(run_dir) if continuing else None
     outcome, module, probe = _train(classifier, datamodule, r, balance, device, prec, engine.name, run_dir, phases,
-                                    progress, a, ranks, resume)
+                                    progress, a, ranks, continuing is not None, resume)
 
+    outcome.processes = {"world": ranks.world, "devices": ranks.devices, "num_nodes": ranks.num_nodes,
+                         **outcome.processes}
     summary = _finish(_Run(data_dir, run_dir, choice, checked, prec, engine, a.feature_backend, balance, timings,
                            started, device), classifier, module, outcome, probe, a.export, phases) \
         if ranks.main else {}
@@ -364,15 +366,17 @@ def _resume_point(run_dir: Path) -> ResumePoint | None:
 
 def _train(classifier: Classifier, datamodule: ImageFolderDataModule, r: Recipe, balance: BalancePlan,
            device: Device, prec: Precision, engine: str, run_dir: Path, phases: Phases, progress: bool,
-           a: FitArguments, ranks: Ranks, resume: ResumePoint | None):
+           a: FitArguments, ranks: Ranks, continued: bool, resume: ResumePoint | None):
     """The probe (when the recipe has a frozen phase on cached features), then Lightning epochs (when it
-    trains the backbone, or has no cached features): LP-FT when both run."""
+    trains the backbone, or has no cached features): LP-FT when both run. A ``continued`` run reuses its
+    saved probe and its epochs go on from ``resume``."""
     use_probe = r.probes and _linear_head(classifier)
     probe = None
     if use_probe:
         weights = balance.class_weights if balance.method != "none" else None
         probe = run_probe(classifier, datamodule, r, precision=prec, engine=engine, device=device,
-                          run_dir=run_dir, phases=phases, class_weights=weights, ranks=ranks)
+                          run_dir=run_dir, phases=phases, class_weights=weights, ranks=ranks,
+                          reuse=continued)
     module = TransferModule(classifier, r, probed=probe is not None, channels_last=prec.channels_last,
                             class_weights=balance.class_weights if balance.method == "loss_weights" else None)
     if probe is not None and not r.trains_backbone:

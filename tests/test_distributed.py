@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import safetensors.torch
 import torch
 
 from finetune.data.sampling import EpochSampler
@@ -84,3 +85,22 @@ def test_a_resumed_epoch_leaves_out_what_it_trained_on():
     assert list(sampler) == full  # only once: the next pass over epoch 2 is whole again
     sampler.set_epoch(3)
     assert list(sampler) != full
+
+
+def test_two_processes_shard_the_frozen_passes_and_share_one_probe(tmp_path, image_folder):
+    folder = image_folder(tmp_path / "data", per_class=16, size=32, split=True)
+    probe = ["--recipe", "small-similar", "--model", "test_efficientnet", "--no-pretrained", "--precision", "fp32",
+             "--workers", "0", "--no-export", "--no-progress", "--accelerator", "cpu"]
+    for out, extra in (("ddp", ["--devices", "2"]), ("one", [])):
+        done = subprocess.run([sys.executable, "-m", "finetune", "fit", str(folder), *probe, "--out",
+                               str(tmp_path / out), *extra], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    ddp, one = (json.loads((tmp_path / out / "summary.json").read_text()) for out in ("ddp", "one"))
+    assert ddp["processes"]["world"] == 2 and one["processes"]["world"] == 1
+    # the same features, gathered from two shares: the same probe up to the order of the L-BFGS sums
+    assert ddp["probe"]["weight_decay"] == one["probe"]["weight_decay"]
+    assert ddp["val"] == pytest.approx(one["val"], abs=TOLERANCE)
+    heads = [safetensors.torch.load_file(tmp_path / out / "probe.safetensors") for out in ("ddp", "one")]
+    for name in ("weight", "bias", "mean", "std"):
+        assert (heads[0][name] - heads[1][name]).abs().max() <= TOLERANCE, name
+    assert torch.equal(heads[0]["val_labels"].sort().values, heads[1]["val_labels"].sort().values)

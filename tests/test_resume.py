@@ -17,20 +17,24 @@ from finetune.phases.resume import ResumePoint
 # augmentation, dropout and stochastic depth on (large-different's): the resumed run must draw what the
 # uninterrupted one drew. fp32 on the CPU with the same thread count is deterministic.
 RUN = ["--recipe", "large-different", "--model", "test_efficientnet", "--no-pretrained",
-       "--set", "cached_features=false", "--epochs", "3", "--set", "freeze_epochs=1", "--batch-size", "6",
+       "--epochs", "3", "--set", "freeze_epochs=1", "--batch-size", "6",
        "--precision", "fp32", "--workers", "0", "--no-export", "--no-progress", "--accelerator", "cpu",
        "--checkpoint-every", "1"]
 BATCHES = 6  # 36 training images / 6
 WIDE = {**os.environ, "COLUMNS": "500"}  # log lines unwrapped
 
 
-def _command(folder, out):
-    return [sys.executable, "-m", "finetune", "fit", str(folder), *RUN, "--out", str(out)]
+UNCACHED = ["--set", "cached_features=false"]  # every epoch through the network: the head warm-up is an epoch too
+
+
+def _command(folder, out, *extra):
+    return [sys.executable, "-m", "finetune", "fit", str(folder), *RUN, "--out", str(out), *extra]
 
 
 def _kill_mid_epoch_after_unfreezing(folder, out) -> ResumePoint:
     """Start the run, SIGKILL it once its checkpoint is inside an epoch of the fine-tuning phase."""
-    process = subprocess.Popen(_command(folder, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(_command(folder, out, *UNCACHED), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
     last = out / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 300
     try:
@@ -49,7 +53,7 @@ def _kill_mid_epoch_after_unfreezing(folder, out) -> ResumePoint:
 
 def test_a_killed_run_resumes_to_the_same_weights_bitwise(tmp_path, image_folder):
     folder = image_folder(tmp_path / "data", per_class=16, size=32, split=True)
-    whole = subprocess.run(_command(folder, tmp_path / "whole"), capture_output=True, text=True, timeout=600)
+    whole = subprocess.run(_command(folder, tmp_path / "whole", *UNCACHED), capture_output=True, text=True, timeout=600)
     assert whole.returncode == 0, whole.stderr[-3000:]
 
     killed = _kill_mid_epoch_after_unfreezing(folder, tmp_path / "killed")
@@ -75,11 +79,11 @@ def test_a_killed_run_resumes_to_the_same_weights_bitwise(tmp_path, image_folder
         json.loads((tmp_path / "killed" / "summary.json").read_text())["val"]
 
 
-def test_sigterm_saves_a_resumable_checkpoint_and_prints_the_command(tmp_path, image_folder):
+def test_sigterm_saves_a_resumable_checkpoint_and_the_resumed_run_reuses_the_probe(tmp_path, image_folder):
     folder = image_folder(tmp_path / "data", per_class=16, size=32, split=True)
     out = tmp_path / "run"
     process = subprocess.Popen(_command(folder, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=WIDE)
+                               env=WIDE)  # LP-FT: the probe, then epochs
     last = out / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 300
     while not last.is_file() and time.monotonic() < deadline and process.poll() is None:
@@ -88,8 +92,15 @@ def test_sigterm_saves_a_resumable_checkpoint_and_prints_the_command(tmp_path, i
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     assert f"resume with: finetune fit --resume {out}" in stdout + stderr
-    point = ResumePoint.read(last)
-    assert point.batches_done >= 1 and not (out / "summary.json").exists()
+    assert ResumePoint.read(last).batches_done >= 1 and not (out / "summary.json").exists()
+    assert (out / "probe.safetensors").is_file()
+
+    resumed = subprocess.run([sys.executable, "-m", "finetune", "fit", "--resume", str(out)], capture_output=True,
+                             text=True, timeout=600, env=WIDE)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "validation features reused from" in resumed.stderr and "probe features:" not in resumed.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["training"].startswith("LP-FT") and summary["epochs_run"] == 2
 
 
 @pytest.mark.parametrize("args, message", [

@@ -75,8 +75,7 @@ def train_epochs(module: TransferModule, datamodule: ImageFolderDataModule, reci
         for message in _EXPECTED_WARNINGS:
             warnings.filterwarnings("ignore", message)
         trainer.fit(module, datamodule=datamodule, ckpt_path=None if resume is None else resume.path)
-        processes = {"world": ranks.world, "devices": ranks.devices, "num_nodes": ranks.num_nodes,
-                     "strategy": type(trainer.strategy).__name__, "global_batch": recipe.batch_size * ranks.world,
+        processes = {"strategy": type(trainer.strategy).__name__, "global_batch": recipe.batch_size * ranks.world,
                      "final_weights_sha256": ranks.gather(_digest(module))}
         _load_best(module, checkpoint, ranks)
         module.collect_outputs, module.outputs = True, []

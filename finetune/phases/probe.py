@@ -4,17 +4,21 @@ recipes start fine-tuning from the probed head, which then competes with the fin
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import safetensors.torch
 import torch
+from safetensors import safe_open
 
 from .. import runs
 from ..data import ImageFolderDataModule
 from ..device import Device
 from ..distributed import Ranks
+from ..files import atomic_write_bytes
 from ..model.classifier import Classifier
 from ..model.frozen_forward import FrozenPass, loader_workers
 from ..model.module import TransferModule, metrics_from_logits
@@ -25,6 +29,8 @@ from ..runtime import Precision
 from .outcome import Outcome
 
 log = logging.getLogger("finetune")
+
+PROBE_FILE = "probe.safetensors"
 
 Step = Callable[[int], None]
 
@@ -67,13 +73,17 @@ def train_views(recipe: Recipe) -> list[tuple[str, bool, bool]]:
 
 def run_probe(classifier: Classifier, datamodule: ImageFolderDataModule, recipe: Recipe, *, precision: Precision,
               engine: str, device: Device, run_dir: Path, phases: Phases,
-              class_weights: Sequence[float] | None = None, ranks: Ranks | None = None) -> Probe:
+              class_weights: Sequence[float] | None = None, ranks: Ranks | None = None,
+              reuse: bool = False) -> Probe:
     """Compute the features once (one trace for every pass; sharded over ``ranks``), fit the head (on rank 0,
-    which sends it to the others), install it in ``classifier``."""
+    which sends it to the others), install it in ``classifier``, and save it with the validation features in
+    ``RUN/probe.safetensors``. ``reuse``: load that file instead when the run folder has it (a resumed run)."""
     ranks = ranks or Ranks()
     classifier.set_trainable(0)
     runner = feature_pass(classifier, device=device, bf16=precision.lightning == "bf16-mixed",
                           channels_last=precision.channels_last, backend=engine)
+    if reuse and (run_dir / PROBE_FILE).is_file():
+        return _load_probe(run_dir / PROBE_FILE, classifier, runner)
     views = train_views(recipe)
     n_train, n_val = len(datamodule.splits.train), len(datamodule.splits.val)
     eval_passes = 2 if classifier.test_flip else 1
@@ -88,14 +98,43 @@ def run_probe(classifier: Classifier, datamodule: ImageFolderDataModule, recipe:
         if ranks.main else None
     result = ranks.broadcast(result)
     classifier.set_linear_head(result.weight, result.bias, result.mean, result.std)
-    if ranks.main:
-        runs.write_probe_sweep(run_dir, result.sweep)
     probe = Probe(result, tuple(name for name, _, _ in views), int(train.features.shape[1]),
                   train.seconds + val.seconds, val.backend, val, runner, classifier.test_flip,
                   class_weights is not None, set(train.skipped) | set(val.skipped))
+    if ranks.main:
+        runs.write_probe_sweep(run_dir, result.sweep)
+        _save_probe(run_dir / PROBE_FILE, probe)
     log.info("probe: head fitted on %d cached feature vectors in %.1f s (%s)", len(train.labels),
              probe.features_s + result.seconds, probe.selection)
     return probe
+
+
+def _save_probe(path: Path, probe: Probe) -> None:
+    """The fitted head, the validation features it was scored on (all a resumed run needs of the probe) and
+    what produced them, as safetensors."""
+    r = probe.result
+    tensors = {"weight": r.weight, "bias": r.bias, "mean": r.mean, "std": r.std,
+               "val_features": probe.val.features, "val_labels": probe.val.labels}
+    about = {"weight_decay": r.weight_decay, "sweep": r.sweep, "seconds": r.seconds, "selected_on": r.selected_on,
+             "views": list(probe.views), "feature_dim": probe.feature_dim, "features_s": probe.features_s,
+             "backend": probe.backend, "test_flip": probe.test_flip, "class_weighted": probe.class_weighted,
+             "skipped": sorted(probe.skipped), "val_skipped": probe.val.skipped}
+    data = safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                                  metadata={"probe": json.dumps(about)})
+    atomic_write_bytes(path, data)
+
+
+def _load_probe(path: Path, classifier: Classifier, runner: FrozenPass) -> Probe:
+    tensors = safetensors.torch.load_file(path)
+    with safe_open(path, "pt") as f:
+        about = json.loads(f.metadata()["probe"])
+    result = ProbeResult(tensors["weight"], tensors["bias"], tensors["mean"], tensors["std"], about["weight_decay"],
+                         about["sweep"], about["seconds"], about["selected_on"])
+    classifier.set_linear_head(result.weight, result.bias, result.mean, result.std)
+    val = CachedFeatures(tensors["val_features"], tensors["val_labels"], about["val_skipped"], 0.0, about["backend"])
+    log.info("probe: fitted head and validation features reused from %s", path)
+    return Probe(result, tuple(about["views"]), about["feature_dim"], about["features_s"], about["backend"], val,
+                 runner, about["test_flip"], about["class_weighted"], set(about["skipped"]))
 
 
 def eval_features(classifier: Classifier, datamodule: ImageFolderDataModule, split: str, runner: FrozenPass,
@@ -196,4 +235,5 @@ def keep_the_better(module: TransferModule, probed: ProbedModel, probe: Probe, o
     return Outcome(training=f"{outcome.training}; {beaten}", selection=f"{probe.selection}; {beaten}",
                    val=probed.val, test=test, val_logits=probed.logits, val_labels=probe.val.labels,
                    epochs_run=outcome.epochs_run, best_epoch=None, kept="probe", timings=outcome.timings,
-                   train_images_per_s=outcome.train_images_per_s, skipped=outcome.skipped | skipped)
+                   train_images_per_s=outcome.train_images_per_s, skipped=outcome.skipped | skipped,
+                   processes=outcome.processes)
