@@ -89,8 +89,9 @@ def test_a_resumed_epoch_leaves_out_what_it_trained_on():
 
 def test_two_processes_shard_the_frozen_passes_and_share_one_probe(tmp_path, image_folder):
     folder = image_folder(tmp_path / "data", per_class=16, size=32, split=True)
-    probe = ["--recipe", "small-similar", "--model", "test_efficientnet", "--no-pretrained", "--precision", "fp32",
-             "--workers", "0", "--no-export", "--no-progress", "--accelerator", "cpu"]
+    probe = ["--recipe", "small-different", "--model", "test_efficientnet", "--no-pretrained", "--precision",
+             "fp32", "--feature-backend", "torch", "--workers", "0", "--no-export", "--no-progress",
+             "--accelerator", "cpu"]
     for out, extra in (("ddp", ["--devices", "2"]), ("one", [])):
         done = subprocess.run([sys.executable, "-m", "finetune", "fit", str(folder), *probe, "--out",
                                str(tmp_path / out), *extra], capture_output=True, text=True, timeout=600)
