@@ -46,6 +46,17 @@ class Device:
             return x.to(self.torch)
         return x.to(self.torch, non_blocking=self.pin_memory)
 
+    def holds(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more fit in this accelerator's free memory, with room to compute on them (half of
+        it); False for the CPU, where there is nothing to move."""
+        if self.kind == "cuda":
+            free, _ = torch.cuda.mem_get_info()
+            return nbytes <= free / 2
+        if self.kind == "mps":
+            free = torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+            return nbytes <= free / 2
+        return False
+
     @contextlib.contextmanager
     def exact(self) -> Iterator[None]:
         """fp32 computed as fp32 (no TF32 in CUDA convolutions and matrix products), for parity checks."""

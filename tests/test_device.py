@@ -82,6 +82,9 @@ class RecordingDevice(Device):
     modules: set = field(default_factory=set)  # the modules on the device now
     calls: list = field(default_factory=list)  # (classifier method, its input was placed)
 
+    def holds(self, nbytes: int) -> bool:  # as a GPU with room: the probe's L-BFGS runs on it
+        return True
+
     def place(self, x):
         if isinstance(x, nn.Module):
             self.modules.update(x.modules())
@@ -158,6 +161,8 @@ def test_fit_places_features_head_and_parity_inputs_through_the_device(recipe, o
     manifest = json.loads((result.run_dir / "export" / "manifest.json").read_text())
     n, size = len(manifest["parity_images"]), tuple(manifest["input"]["shape"][1:])
     placed = Counter(recording.tensors)
+    train_rows = result.summary["train_images"] * len(result.summary["probe"]["views"])
+    assert placed[((train_rows, result.summary["probe"]["feature_dim"]), torch.float32)] == 1  # L-BFGS's features
     assert placed[((n, *size), torch.float32)] == 1  # the eager reference of the parity check
     assert placed[((1, *size), torch.uint8)] == n and placed[((7, *size), torch.uint8)] == n // 7  # safetensors
     assert manifest["formats"]["safetensors"]["parity"]["passed"] and manifest["parity_device"] == "recording CPU"
@@ -192,10 +197,11 @@ def test_predict_and_evaluate_run_the_torch_engine_on_the_device(cpu_run, record
     assert recording.calls and all(placed for _, placed in recording.calls)
 
 
-def test_predict_and_evaluate_take_one_device_and_an_accelerator_that_is_there(cpu_run, capsys, monkeypatch):
+def test_predict_evaluate_and_export_take_one_device_and_an_accelerator_that_is_there(cpu_run, capsys,
+                                                                                      monkeypatch):
     run, val = cpu_run
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    for command in (["predict", str(run), str(val)], ["evaluate", str(run), str(val)]):
+    for command in (["predict", str(run), str(val)], ["evaluate", str(run), str(val)], ["export", str(run)]):
         capsys.readouterr()
         assert main([*command, "--devices", "2"]) == 2
         err = capsys.readouterr().err.strip()
@@ -203,3 +209,10 @@ def test_predict_and_evaluate_take_one_device_and_an_accelerator_that_is_there(c
         assert main([*command, "--accelerator", "gpu"]) == 2
         assert "--accelerator gpu" in capsys.readouterr().err
     assert main(["predict", str(run), str(val), "--devices", "1", "--accelerator", "cpu", "--format", "csv"]) == 0
+
+
+def test_the_probe_moves_features_to_an_accelerator_only_when_half_its_free_memory_holds_them(monkeypatch):
+    monkeypatch.setattr("torch.cuda.mem_get_info", lambda: (1000, 4000))
+    gpu = Device("cuda", "Fake GPU", True)
+    assert gpu.holds(500) and not gpu.holds(501)
+    assert not resolve_device("cpu").holds(1)  # nothing to move on the CPU

@@ -39,6 +39,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 
 def check_export(args: argparse.Namespace) -> None:
     check.run_folder("RUN", args.run)
+    _one_device(args)
     check.export_formats("--format", args.format)
     if args.out is not None:
         check.output_dir("--out", args.out)
@@ -75,6 +76,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _add_accelerator(p: argparse.ArgumentParser, text: str) -> None:
     p.add_argument("--accelerator", choices=ACCELERATORS, default="auto", help=text)
+    p.add_argument("--devices", type=int, default=1, help="devices to use: 1 (one device is used)")
+
+
+def _one_device(args: argparse.Namespace) -> None:
+    if args.devices != 1:
+        raise UsageError(f"--devices {args.devices}: {args.command} runs on one device; give --devices 1 or "
+                         "leave it out")
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -85,15 +93,12 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="auto: onnxruntime when MODEL has an ONNX export and the device is the CPU, torch otherwise")
     _add_accelerator(p, "where torch computes (onnxruntime runs on the CPU): auto (a CUDA GPU, else Apple MPS, "
                         "else the CPU), cpu, gpu or mps")
-    p.add_argument("--devices", type=int, default=1, help="devices to use: 1 (one device is used)")
 
 
 def _check_model(args: argparse.Namespace) -> None:
     source = check.model_source("MODEL", args.model)
     check.positive_int("--batch-size", args.batch_size, example=32)
-    if args.devices != 1:
-        raise UsageError(f"--devices {args.devices}: predict and evaluate run on one device; give --devices 1 "
-                         "or leave it out")
+    _one_device(args)
     if source.is_file() and args.backend == "torch":
         raise UsageError(f"MODEL {source} is an ONNX file and --backend torch needs a run or export folder; "
                          "use --backend onnx or give the folder")

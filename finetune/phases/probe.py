@@ -4,6 +4,7 @@ recipes start fine-tuning from the probed head, which then competes with the fin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -94,8 +95,7 @@ def run_probe(classifier: Classifier, datamodule: ImageFolderDataModule, recipe:
         val = eval_features(classifier, datamodule, "val", runner, step)
     train = CachedFeatures(torch.cat([p.features for p in passes]), torch.cat([p.labels for p in passes]),
                            sorted({f for p in passes for f in p.skipped}), sum(p.seconds for p in passes))
-    result = fit_linear_probe(train, val, classifier.num_classes, class_weights=class_weights) \
-        if ranks.main else None
+    result = _fit_head(train, val, classifier.num_classes, class_weights, device) if ranks.main else None
     result = ranks.broadcast(result)
     classifier.set_linear_head(result.weight, result.bias, result.mean, result.std)
     probe = Probe(result, tuple(name for name, _, _ in views), int(train.features.shape[1]),
@@ -107,6 +107,19 @@ def run_probe(classifier: Classifier, datamodule: ImageFolderDataModule, recipe:
     log.info("probe: head fitted on %d cached feature vectors in %.1f s (%s)", len(train.labels),
              probe.features_s + result.seconds, probe.selection)
     return probe
+
+
+def _fit_head(train: CachedFeatures, val: CachedFeatures, num_classes: int,
+              class_weights: Sequence[float] | None, device: Device) -> ProbeResult:
+    """L-BFGS on the accelerator when the features fit in its memory (features, their standardised copy and
+    the gradients: about three copies), else on the CPU. The result comes back to the CPU."""
+    nbytes = 3 * (train.features.nbytes + val.features.nbytes)
+    if device.holds(nbytes):
+        train, val = (dataclasses.replace(c, features=device.place(c.features), labels=device.place(c.labels))
+                      for c in (train, val))
+    result = fit_linear_probe(train, val, num_classes, class_weights=class_weights)
+    return dataclasses.replace(result, weight=result.weight.cpu(), bias=result.bias.cpu(), mean=result.mean.cpu(),
+                               std=result.std.cpu())
 
 
 def _save_probe(path: Path, probe: Probe) -> None:
