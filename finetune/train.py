@@ -222,7 +222,7 @@ def _fit(a: FitArguments, continuing: Path | None) -> FitResult:
     if continuing is None:
         _check_space(a, r, classifier)
     run_dir = continuing or _start_run_dir(a, data_dir, choice, checked.splits, ranks)
-    resume = _resume_point(run_dir) if continuing else None
+    resume = _resume_point(run_dir, r) if continuing else None
     outcome, module, probe = _train(classifier, datamodule, r, balance, device, prec, engine.name, run_dir, phases,
                                     progress, a, ranks, continuing is not None, resume)
 
@@ -354,12 +354,17 @@ def _check_space(a: FitArguments, r: Recipe, classifier: Classifier) -> None:
         formats=a.export or ()))
 
 
-def _resume_point(run_dir: Path) -> ResumePoint | None:
+def _resume_point(run_dir: Path, recipe: Recipe) -> ResumePoint | None:
     """Where the interrupted run stopped: its last checkpoint, or None when it stopped before the epochs."""
     last = run_dir / "checkpoints" / LAST
     if not last.is_file():
         return None
     point = ResumePoint.read(last)
+    now = recipe.to_dict()
+    changed = [k for k in recipe.active_fields() if k in point.recipe and point.recipe[k] != now[k]]
+    if changed:
+        raise UsageError(f"--resume {run_dir}: {run_dir / 'recipe.toml'} no longer matches the recipe its "
+                         f"checkpoint trained with ({', '.join(changed)}); restore it or start a new run")
     log.info("resuming %s from epoch %d, %d batch(es) into it", run_dir, point.epoch + 1, point.batches_done)
     return point
 

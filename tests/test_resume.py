@@ -110,3 +110,17 @@ def test_sigterm_saves_a_resumable_checkpoint_and_the_resumed_run_reuses_the_pro
 def test_resume_usage_errors(args, message, tmp_path):
     done = subprocess.run([sys.executable, "-m", "finetune", *args], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 2 and message in done.stderr
+
+
+def test_resume_refuses_a_recipe_edited_since_the_checkpoint(tmp_path, image_folder):
+    folder = image_folder(tmp_path / "data", per_class=16, size=32, split=True)
+    out = tmp_path / "run"
+    first = subprocess.run(_command(folder, out, *UNCACHED, "--epochs", "1"), capture_output=True,
+                           text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (out / "summary.json").unlink()  # as if it had been stopped after its last checkpoint
+    recipe = out / "recipe.toml"
+    recipe.write_text(recipe.read_text().replace("lr = 0.001", "lr = 0.01"))
+    done = subprocess.run([sys.executable, "-m", "finetune", "fit", "--resume", str(out)], capture_output=True,
+                          text=True, timeout=600, env=WIDE)
+    assert done.returncode == 2 and "no longer matches the recipe its checkpoint trained with (lr)" in done.stderr

@@ -119,8 +119,9 @@ class TransferModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """The random state too (dropout, stochastic depth), so that a resumed run draws what this one would
-        have drawn next (this process's: on several ranks, rank 0's)."""
+        have drawn next (this process's: on several ranks, rank 0's). And the resolved recipe it trains."""
         checkpoint["rng_states"] = rng_states()
+        checkpoint["recipe"] = self.recipe.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "rng_states" in checkpoint:
