@@ -7,7 +7,7 @@ Two gaps in what Lightning and torch provide:
   and silently drops the activation. On CUDA, ``SyncBatchNorm`` converts with timm's own function (to
   ``SyncBatchNormAct``).
 - torch's ``SyncBatchNorm`` runs on CUDA only (DDP refuses it on CPU processes). On CPUs (gloo) the batch
-  statistics are summed over ranks with ``torch.distributed.nn.all_reduce``, which carries gradients back
+  statistics are summed over ranks with a differentiable all-reduce, which carries gradients back
   to every rank: the layers keep their class's parameters and buffers and only compute differently while
   training (``_GlobalBatchNorm2d``, ``_GlobalBatchNormAct2d``).
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn as dist_nn
+import torch.distributed._functional_collectives as collectives
 from pytorch_lightning.plugins.layer_sync import LayerSync
 from timm.layers import BatchNormAct2d, SyncBatchNormAct, convert_sync_batchnorm
 from torch import nn
@@ -55,7 +55,9 @@ def _global_batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     xf = x.float()
     count = torch.tensor([x.numel() / x.shape[1]], dtype=torch.float32, device=x.device)
     sums = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])
-    sums = dist_nn.all_reduce(sums)  # differentiable: each rank's gradient flows to every rank's statistics
+    # differentiable (what torch.distributed.nn's deprecated all_reduce points to): each rank's gradient flows
+    # back through every rank's statistics
+    sums = collectives.all_reduce(sums, "sum", dist.group.WORLD)
     channels = x.shape[1]
     n = sums[-1]
     mean = sums[:channels] / n
