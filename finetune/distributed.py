@@ -53,6 +53,10 @@ class Ranks:
         """This rank's share of ``items``: every ``world``-th one from ``rank``."""
         return list(items[self.rank::self.world])
 
+    def share(self, count: int) -> int:
+        """How many of ``count`` items ``shard`` gives this rank."""
+        return len(range(self.rank, count, self.world))
+
     def gather(self, value: T) -> list[T]:
         """``value`` from every rank, in rank order (``[value]`` in one process)."""
         if not self.distributed:

@@ -88,7 +88,8 @@ def run_probe(classifier: Classifier, datamodule: ImageFolderDataModule, recipe:
     views = train_views(recipe)
     n_train, n_val = len(datamodule.splits.train), len(datamodule.splits.val)
     eval_passes = 2 if classifier.test_flip else 1
-    total = n_train * len(views) + n_val * eval_passes
+    share = datamodule.ranks.share  # this rank's images: what its progress bar counts
+    total = share(n_train) * len(views) + share(n_val) * eval_passes
     with phases.run(f"probe features: {n_train} training images x {len(views)} view(s), {n_val} validation "
                     f"x {eval_passes}", total) as step:
         passes = [_extract(classifier, datamodule, "train", runner, step, augment=a, mirror=m) for _, a, m in views]
@@ -195,7 +196,8 @@ def test_scores(classifier: Classifier, datamodule: ImageFolderDataModule, probe
     if not datamodule.has_test:
         return {}, set()
     n = len(datamodule.splits.test)
-    with phases.run(f"test: {n} held-out images", n * (2 if classifier.test_flip else 1)) as step:
+    passes = 2 if classifier.test_flip else 1
+    with phases.run(f"test: {n} held-out images", datamodule.ranks.share(n) * passes) as step:
         cached = eval_features(classifier, datamodule, "test", probe.runner, step)
     return head_scores(classifier, cached, probe.runner.device)[1], set(cached.skipped)
 
