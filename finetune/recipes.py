@@ -61,6 +61,8 @@ class Recipe:
     drop_path: float = 0.0
     # several processes (fit --devices/--num-nodes): BatchNorm statistics of trained stages over the global batch
     sync_batchnorm: bool = True
+    # input side in pixels when the backbone trains; 0: chosen from the images' native size (resolution.py)
+    resolution: int = 0
     # augmentation
     scale_min: float = 0.5  # RandomResizedCrop lower scale bound
     hflip: float = 0.5
@@ -135,7 +137,7 @@ class Recipe:
                       "label_smoothing", "head_dropout", "early_stopping"]
             names += ["momentum"] if self.optimizer == "sgd" else []
         if self.trains_backbone:
-            names += ["freeze_epochs", "backbone_lr_scale", "drop_path", "sync_batchnorm"]
+            names += ["freeze_epochs", "backbone_lr_scale", "drop_path", "sync_batchnorm", "resolution"]
             names += ["layer_decay"] if self.unfreeze_stages != 1 else []
         if self.trains_epochs or (self.probes and self.feature_views):
             names += ["scale_min", "hflip", "color_jitter"]
@@ -175,6 +177,8 @@ def _validate(r: Recipe) -> None:
     need(0 <= r.hflip <= 1, "hflip", "a probability in [0, 1]")
     need(r.color_jitter >= 0, "color_jitter", "must be >= 0")
     need(r.early_stopping >= 0, "early_stopping", "patience in epochs, 0 = off")
+    need(r.resolution == 0 or 32 <= r.resolution <= 1024, "resolution",
+         "0 (from the images' size) or a side in pixels, 32 to 1024")
     need(r.feature_views >= 0, "feature_views", "must be >= 0 (each view costs one pass over the training set)")
     need(r.balance in BALANCE, "balance", f"one of {BALANCE}")
 

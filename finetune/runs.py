@@ -189,7 +189,7 @@ def build_summary(*, data_dir: Path, run_dir: Path, recipe: Recipe, reason: str,
                   splits: DatasetSplits, precision: Precision, engine: dict[str, str], outcome: Outcome,
                   calibration: dict[str, Any], exported: dict[str, Any] | None, probe: dict[str, Any] | None,
                   preflight: dict[str, Any], balance: dict[str, Any], timings: dict[str, float], skipped: list[str],
-                  trainable: dict[str, int]) -> dict[str, Any]:
+                  trainable: dict[str, int], resolution: dict[str, Any]) -> dict[str, Any]:
     """``summary.json``: what ran, why, and how well, with the headline on held-out data when there is any."""
     headline = "test" if outcome.test else "val"
     return {
@@ -206,7 +206,7 @@ def build_summary(*, data_dir: Path, run_dir: Path, recipe: Recipe, reason: str,
         "val": outcome.val, "test": outcome.test, "calibration": calibration, "export": exported, "probe": probe,
         "skipped_files": len(skipped), "skipped": skipped, "preflight": preflight, "balance": balance,
         "timings": timings, "train_images_per_s": outcome.train_images_per_s, "trainable_parameters": trainable,
-        "processes": outcome.processes,
+        "processes": outcome.processes, "resolution": resolution,
         "versions": versions(),
     }
 
@@ -246,6 +246,7 @@ def write_report(path: Path, summary: dict[str, Any]) -> None:
         f"- model selected by: {summary['selection']} (the validation scores are optimistic; the test split "
         "was used for nothing but the scores below)" if test else f"- model selected by: {summary['selection']}",
         f"- backbone: `{summary['model']}`, precision {summary['precision']}{_processes(summary)}",
+        f"- input resolution: {summary['resolution']['reason']}",
         f"- skipped unreadable files: {summary['skipped_files']}",
         f"- time: {summary['timings']['total_s']:.0f} s ({summary['train_images_per_s']:.1f} training images/s)",
         "",

@@ -49,6 +49,7 @@ from .phases.resume import LAST, ResumePoint
 from .progress import Phases
 from .recipe_choice import base_recipe, domain_sentence, measure_domain, resolve_recipe
 from .recipes import Recipe
+from .resolution import Resolution, choose_resolution, with_side
 from .runtime import Precision, choose_precision, tune_allocator
 
 log = logging.getLogger("finetune")
@@ -87,8 +88,9 @@ class Choice:
     recipe: Recipe
     reason: str
     backbone: torch.nn.Module
-    data_config: dict[str, Any]
+    data_config: dict[str, Any]  # at the resolution chosen
     gap: DomainGap | None
+    resolution: Resolution
 
 
 def fit(
@@ -272,7 +274,7 @@ def _finish(run: _Run, classifier: Classifier, module: TransferModule, outcome: 
         calibration=calibration.to_dict(), exported=exported, probe=None if probe is None else probe.to_summary(),
         preflight=run.checked.to_dict(), balance=_balance_summary(run.balance, probe is not None, r.trains_epochs),
         timings=timings, skipped=sorted(outcome.skipped | set(run.checked.excluded)),
-        trainable=module.trainable_summary(),
+        trainable=module.trainable_summary(), resolution=run.choice.resolution.to_dict(),
     )
     runs.write_json(run.run_dir / "summary.json", summary)
     runs.write_report(run.run_dir / "report.md", summary)
@@ -299,7 +301,9 @@ def _choose(a: FitArguments, merged: dict[str, Any], splits: DatasetSplits, devi
     per_class = len(splits.train) / len(splits.classes)
     chosen, reason = resolve_recipe(a.recipe, per_class, "similar" if domain == "auto" else domain, merged,
                                     domain_reason)
-    return Choice(chosen, reason, backbone, data_config, gap)
+    resolution = choose_resolution(chosen, splits, data_config["input_size"][-1], a.seed)
+    log.info("input resolution %s", resolution.reason)
+    return Choice(chosen, reason, backbone, with_side(data_config, resolution.side), gap, resolution)
 
 
 def _build(choice: Choice, splits: DatasetSplits, balance: BalancePlan, device: Device, prec: Precision,
