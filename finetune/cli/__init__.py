@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     trained.add_export(sub)
     trained.add_predict(sub)
     trained.add_evaluate(sub)
+    listings.add_cache(sub)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""`finetune recipes` and `finetune models`: what the toolkit offers."""
+"""`finetune recipes`, `finetune models` and `finetune cache`: what the toolkit offers and keeps."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import argparse
 from rich.table import Table
 
 from .. import arguments as check
+from ..errors import UsageError
 
 
 def add_recipes(sub: argparse._SubParsersAction) -> None:
@@ -68,4 +69,38 @@ def cmd_models(args: argparse.Namespace) -> int:
     out.print(table)
     out.print("Any other timm name works with its own pretrained weights when reachable, "
               "with --weights FILE, or with --no-pretrained.")
+    return 0
+
+
+def add_cache(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cache", help="list or clear the caches finetune keeps (weights, doctor checks, decoded "
+                                     "images)")
+    p.set_defaults(handler=cmd_cache)
+    p.add_argument("action", choices=("list", "clear"))
+    p.add_argument("kinds", nargs="*", metavar="KIND", help="clear only these: weights, doctor, decoded "
+                                                            "(default: every cache)")
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from .. import caches
+    from ..files import cache_dir
+    from ..output_space import human_bytes
+    from . import out
+
+    unknown = [k for k in args.kinds if k not in caches.KINDS]
+    if unknown:
+        raise UsageError(f"KIND {unknown[0]}: no such cache; choose from {', '.join(caches.KINDS)}")
+    kinds = args.kinds or list(caches.KINDS)
+    if args.action == "clear":
+        freed = caches.clear(kinds)
+        out.print(f"cleared {', '.join(kinds)} in {cache_dir()}: {human_bytes(freed)} freed")
+        return 0
+    table = Table(title=f"caches in {cache_dir()} ($FINETUNE_CACHE); `finetune cache clear [KIND]` empties them")
+    for column in ("cache", "what", "entries", "size", "budget"):
+        table.add_column(column, justify="right" if column in ("entries", "size", "budget") else "left")
+    for name in kinds:
+        kind, found = caches.KINDS[name], caches.entries(name)
+        budget = "none" if kind.budget_bytes is None else human_bytes(kind.budget_bytes)
+        table.add_row(name, kind.what, str(len(found)), human_bytes(sum(e.bytes for e in found)), budget)
+    out.print(table)
     return 0

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
+from .. import caches
 from ..errors import ImageDecodeError
 from ..files import atomic_write_text, cache_dir
 from .images import load_rgb
@@ -221,6 +222,8 @@ class DecodedImageCache:
                 stats = self._fill_locked(wanted, workers)
             if self.root is not None and self.directory.parent == cache_dir() / "decoded":
                 _remove_orphans(self.directory.parent)
+                os.utime(self.directory)  # used now: pruning drops the least recently used datasets first
+                caches.prune("decoded", keep=self.directory)
             return stats
         except OSError as exc:
             log.warning("decoded-image cache %s not filled (%s); images are decoded every time", self.directory,

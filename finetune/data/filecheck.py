@@ -8,6 +8,7 @@ the kinds of `doctor.KINDS`.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import ExifTags, Image
 
+from .. import caches
 from ..errors import ImageDecodeError
 from ..files import atomic_write_text, cache_dir, hash_file
 from .images import MAX_PIXELS, check_pixel_count, load_rgb
@@ -250,6 +252,7 @@ class CheckCache:
         try:
             # ensure_ascii: file names that are not valid UTF-8 survive as \\udcXX escapes
             atomic_write_text(self.path, json.dumps({"settings": self.settings, "files": self.entries}))
+            caches.prune("doctor", keep=self.path)
         except OSError:
             pass  # a read-only cache dir costs speed, not correctness
 
@@ -260,6 +263,8 @@ class CheckCache:
             return {}
         if not isinstance(data, dict) or data.get("settings") != self.settings:
             return {}
+        with contextlib.suppress(OSError):
+            os.utime(path)  # used now: the cache's pruning drops the least recently used datasets first
         files = data.get("files")
         return files if isinstance(files, dict) else {}
 

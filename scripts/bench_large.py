@@ -1,0 +1,81 @@
+"""Large data: what `fit` spends before training on a big folder (full Fashion-MNIST: 54,000 train, 6,000 val,
+10,000 test images), phase by phase.
+
+    python scripts/make_fashion_mnist.py --out data/fm-full --per-class 5400 --val-per-class 600 --test-per-class 1000
+    python scripts/bench_large.py pipeline --data data/fm-full --out bench/large-pipeline-avx2.json
+
+`pipeline` times the scan and split, the pre-flight doctor check with an empty cache (every file read, decoded
+and hashed; the leakage comparison of every held-out image against every training image) and again with a
+warm one, the native-size reading of the resolution choice, and the domain-gap pass, in this process. It also
+records the peak resident memory. Accuracy against time at several resolutions comes from
+`scripts/bench_recipes.py --set resolution=N` (docs/benchmarks.md, "Resolution").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench_train import _machine
+
+
+def pipeline(data: Path) -> dict:
+    import timm
+
+    from finetune.data.doctor import preflight
+    from finetune.data.splits import load_splits
+    from finetune.device import resolve_device
+    from finetune.model.backbones import create_backbone
+    from finetune.recipe_choice import measure_domain
+    from finetune.resolution import native_side
+    from finetune.runtime import choose_precision
+
+    seconds = {}
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["FINETUNE_CACHE"] = cache  # an empty cache: the cold doctor scan
+        started = time.perf_counter()
+        splits = load_splits(data)
+        seconds["scan_and_split"] = time.perf_counter() - started
+        for state in ("cold", "warm"):
+            started = time.perf_counter()
+            checked = preflight(splits)
+            seconds[f"preflight_{state}"] = time.perf_counter() - started
+        started = time.perf_counter()
+        native = native_side(checked.splits)
+        seconds["native_size"] = time.perf_counter() - started
+        del os.environ["FINETUNE_CACHE"]
+    backbone = create_backbone("tf_efficientnet_lite0", pretrained=True, num_classes=len(splits.classes))
+    device = resolve_device("cpu")
+    started = time.perf_counter()
+    gap = measure_domain(backbone, checked.splits, timm.data.resolve_model_data_config(backbone),
+                         choose_precision("auto", device), device=device)
+    seconds["domain_gap"] = time.perf_counter() - started
+    return {"files": {name: len(getattr(splits, name)) for name in ("train", "val", "test")},
+            "seconds": {k: round(v, 2) for k, v in seconds.items()}, "native_side": native,
+            "domain_gap": None if gap is None else gap.score,
+            "warnings": checked.to_dict()["warnings"],
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bench", choices=("pipeline",))
+    parser.add_argument("--data", type=Path, default=Path("data/fm-full"))
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    result = {"machine": _machine(), "data": str(args.data), args.bench: pipeline(args.data)}
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
