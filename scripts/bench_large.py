@@ -3,11 +3,14 @@
 
     python scripts/make_fashion_mnist.py --out data/fm-full --per-class 5400 --val-per-class 600 --test-per-class 1000
     python scripts/bench_large.py pipeline --data data/fm-full --out bench/large-pipeline-avx2.json
+    python scripts/bench_large.py fit --data data/fm-full --set epochs=3 --out bench/large-fit-e3-avx2.json
 
 `pipeline` times the scan and split, the pre-flight doctor check with an empty cache (every file read, decoded
 and hashed; the leakage comparison of every held-out image against every training image) and again with a
 warm one, the native-size reading of the resolution choice, and the domain-gap pass, in this process. It also
-records the peak resident memory. Accuracy against time at several resolutions comes from
+records the peak resident memory. `fit` runs `finetune fit DIR` (its defaults, plus any `--set`) end to end in
+its own process: held-out test accuracy, wall time, the time of each phase and the process's peak resident
+memory. Accuracy against time at several resolutions comes from
 `scripts/bench_recipes.py --set resolution=N` (docs/benchmarks.md, "Resolution").
 """
 
@@ -17,6 +20,7 @@ import argparse
 import json
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -63,13 +67,32 @@ def pipeline(data: Path) -> dict:
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
+def fit(data: Path, sets: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as work:
+        out = Path(work) / "run"
+        command = [sys.executable, "-m", "finetune", "fit", str(data), "--no-progress", "--out", str(out),
+                   *(a for kv in sets for a in ("--set", kv))]
+        started = time.perf_counter()
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - started
+        summary = json.loads((out / "summary.json").read_text())
+    return {"sets": sets, "recipe": summary["recipe"], "resolution": summary["resolution"],
+            "test_acc": summary["test"].get("acc"), "val_acc": summary["val"]["acc"], "wall_s": round(wall, 1),
+            "training": summary["training"], "epochs_run": summary["epochs_run"], "best_epoch": summary["best_epoch"],
+            "timings_s": {k: round(v, 1) for k, v in summary["timings"].items()},
+            "train_images_per_s": summary["train_images_per_s"],
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("bench", choices=("pipeline",))
+    parser.add_argument("bench", choices=("pipeline", "fit"))
     parser.add_argument("--data", type=Path, default=Path("data/fm-full"))
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override (fit)")
     args = parser.parse_args(argv)
-    result = {"machine": _machine(), "data": str(args.data), args.bench: pipeline(args.data)}
+    measured = pipeline(args.data) if args.bench == "pipeline" else fit(args.data, args.set)
+    result = {"machine": _machine(), "data": str(args.data), args.bench: measured}
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

@@ -21,7 +21,7 @@ from finetune.cli.fit import headline, print_fit_result, selection
 from finetune.errors import RecipeError, UsageError
 from finetune.predict_output import WRITERS
 
-COMMANDS = ("fit", "inspect", "recipes", "models", "doctor", "export", "predict", "evaluate")
+COMMANDS = ("fit", "inspect", "recipes", "models", "doctor", "export", "predict", "evaluate", "cache")
 
 
 def _subparsers() -> dict:
