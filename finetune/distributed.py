@@ -77,12 +77,6 @@ class Ranks:
         if self.distributed:
             dist.barrier()
 
-    def any(self, flag: bool) -> bool:
-        """True on every rank when ``flag`` is true on one of them."""
-        if not self.distributed:
-            return flag
-        return any(self.gather(bool(flag)))
-
 
 def launch(device: Device, devices: int = 1, num_nodes: int = 1, strategy: str = "auto") -> Ranks:
     """Start (or join) the processes of a run on ``devices`` per machine x ``num_nodes`` machines and open the

@@ -62,7 +62,8 @@ class SaveAndStop(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        stop = self.ranks.any(self.signum is not None)
+        # one small tensor all-reduce per step on several ranks (a pickled all-gather costs far more)
+        stop = trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False)
         if stop or (self.every and trainer.global_step % self.every == 0):
             self.save(trainer)
         if stop:
