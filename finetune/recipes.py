@@ -41,6 +41,9 @@ class Recipe:
     pretrained: bool = True
     # schedule
     epochs: int = 10
+    # training images the Lightning epochs see in all, at most: on a large training set the epochs are cut to
+    # max_train_images // images (at least 1), so the schedule fits a compute budget; 0 = no cap
+    max_train_images: int = 0
     batch_size: int = 32
     freeze_epochs: int = 0  # epochs of head-only training before anything is unfrozen
     unfreeze_stages: int = 0  # stages unfrozen after freeze_epochs, counted from the top; -1 = all, 0 = none
@@ -118,6 +121,14 @@ class Recipe:
         """Whether a head is fitted on cached features (the frozen phase of every built-in recipe)."""
         return self.cached_features and (not self.trains_backbone or self.freeze_epochs > 0)
 
+    def lightning_epochs(self, train_images: int, probed: bool) -> int:
+        """The epochs Lightning runs on ``train_images`` images: the recipe's (less the head warm-up when a probe
+        replaced it), cut so that they see at most ``max_train_images`` images."""
+        epochs = self.epochs - (self.freeze_epochs if probed else 0)
+        if self.max_train_images and train_images:
+            epochs = min(epochs, max(1, self.max_train_images // train_images))
+        return epochs
+
     @property
     def trains_epochs(self) -> bool:
         """Whether Lightning epochs run: to train the backbone, or a head on uncached features."""
@@ -133,7 +144,7 @@ class Recipe:
         if self.probes:
             names += ["flip_views", "feature_views"]
         if self.trains_epochs:
-            names += ["epochs", "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs", "min_lr_ratio",
+            names += ["epochs", "max_train_images", "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs", "min_lr_ratio",
                       "label_smoothing", "head_dropout", "early_stopping"]
             names += ["momentum"] if self.optimizer == "sgd" else []
         if self.trains_backbone:
@@ -155,6 +166,7 @@ def _validate(r: Recipe) -> None:
         bad_bool = isinstance(value, bool) and f.type != "bool"
         need(isinstance(value, expected) and not bad_bool, f.name, f"must be of type {f.type}")
     need(r.epochs >= 1, "epochs", "must be at least 1")
+    need(r.max_train_images >= 0, "max_train_images", "0 (no cap) or a number of images")
     need(r.batch_size >= 1, "batch_size", "must be at least 1")
     need(0 <= r.freeze_epochs <= r.epochs, "freeze_epochs", "must be between 0 and epochs")
     need(r.unfreeze_stages >= -1, "unfreeze_stages", "-1 (all), 0 (none) or a number of top stages")

@@ -189,7 +189,8 @@ def build_summary(*, data_dir: Path, run_dir: Path, recipe: Recipe, reason: str,
                   splits: DatasetSplits, precision: Precision, engine: dict[str, str], outcome: Outcome,
                   calibration: dict[str, Any], exported: dict[str, Any] | None, probe: dict[str, Any] | None,
                   preflight: dict[str, Any], balance: dict[str, Any], timings: dict[str, float], skipped: list[str],
-                  trainable: dict[str, int], resolution: dict[str, Any]) -> dict[str, Any]:
+                  trainable: dict[str, int], resolution: dict[str, Any],
+                  decoded_cache: dict[str, Any] | None = None) -> dict[str, Any]:
     """``summary.json``: what ran, why, and how well, with the headline on held-out data when there is any."""
     headline = "test" if outcome.test else "val"
     return {
@@ -206,7 +207,7 @@ def build_summary(*, data_dir: Path, run_dir: Path, recipe: Recipe, reason: str,
         "val": outcome.val, "test": outcome.test, "calibration": calibration, "export": exported, "probe": probe,
         "skipped_files": len(skipped), "skipped": skipped, "preflight": preflight, "balance": balance,
         "timings": timings, "train_images_per_s": outcome.train_images_per_s, "trainable_parameters": trainable,
-        "processes": outcome.processes, "resolution": resolution,
+        "processes": outcome.processes, "resolution": resolution, "decoded_cache": decoded_cache,
         "versions": versions(),
     }
 

@@ -29,6 +29,7 @@ from .arguments import check_fit_arguments
 from .calibration import fit_temperature
 from .data import DatasetSplits, ImageFolderDataModule
 from .data.balance import BalancePlan, plan_balance
+from .data.cache import DEFAULT_BUDGET_BYTES, estimated_bytes
 from .data.doctor import MAX_UNUSABLE_FRACTION, PreflightReport, preflight
 from .data.splits import load_splits
 from .device import Device, resolve_device
@@ -220,7 +221,7 @@ def _fit(a: FitArguments, continuing: Path | None) -> FitResult:
     timings["recipe_choice_s"] = time.perf_counter() - started - timings["preflight_s"]
 
     balance = checked.balance if r.balance == "auto" else plan_balance(checked.balance.class_counts, method=r.balance)
-    classifier, datamodule = _build(choice, checked.splits, balance, device, prec, a, ranks)
+    classifier, datamodule, decoded = _build(choice, checked.splits, balance, device, prec, a, ranks)
     if continuing is None:
         _check_space(a, r, classifier)
     run_dir = continuing or _start_run_dir(a, data_dir, choice, checked.splits, ranks)
@@ -231,7 +232,7 @@ def _fit(a: FitArguments, continuing: Path | None) -> FitResult:
     outcome.processes = {"world": ranks.world, "devices": ranks.devices, "num_nodes": ranks.num_nodes,
                          **outcome.processes}
     summary = _finish(_Run(data_dir, run_dir, choice, checked, prec, engine, a.feature_backend, balance, timings,
-                           started, device), classifier, module, outcome, probe, a.export, phases) \
+                           started, device, decoded), classifier, module, outcome, probe, a.export, phases) \
         if ranks.main else {}
     ranks.barrier()  # every rank ends when the run folder is complete
     return FitResult(run_dir=run_dir, recipe=r, val=outcome.val, test=outcome.test, summary=summary)
@@ -252,6 +253,7 @@ class _Run:
     timings: dict[str, float]
     started: float
     device: Device  # where the export's parity check runs
+    decoded_cache: dict[str, Any]  # decoded_cache_plan
 
 
 def _finish(run: _Run, classifier: Classifier, module: TransferModule, outcome: Outcome, probe: Probe | None,
@@ -275,6 +277,7 @@ def _finish(run: _Run, classifier: Classifier, module: TransferModule, outcome: 
         preflight=run.checked.to_dict(), balance=_balance_summary(run.balance, probe is not None, r.trains_epochs),
         timings=timings, skipped=sorted(outcome.skipped | set(run.checked.excluded)),
         trainable=module.trainable_summary(), resolution=run.choice.resolution.to_dict(),
+        decoded_cache=run.decoded_cache,
     )
     runs.write_json(run.run_dir / "summary.json", summary)
     runs.write_report(run.run_dir / "report.md", summary)
@@ -307,7 +310,7 @@ def _choose(a: FitArguments, merged: dict[str, Any], splits: DatasetSplits, devi
 
 
 def _build(choice: Choice, splits: DatasetSplits, balance: BalancePlan, device: Device, prec: Precision,
-           a: FitArguments, ranks: Ranks) -> tuple[Classifier, ImageFolderDataModule]:
+           a: FitArguments, ranks: Ranks) -> tuple[Classifier, ImageFolderDataModule, dict[str, Any]]:
     r, backbone = choice.recipe, choice.backbone
     if r.drop_path and r.trains_backbone:  # stochastic depth is set when timm builds the blocks
         backbone = create_backbone(r.model, pretrained=r.pretrained, num_classes=len(splits.classes),
@@ -316,12 +319,27 @@ def _build(choice: Choice, splits: DatasetSplits, balance: BalancePlan, device: 
                             head_dropout=r.head_dropout, test_flip=r.test_flip)
     if prec.channels_last:
         classifier = classifier.to(memory_format=torch.channels_last)
+    decoded = decoded_cache_plan(splits, choice.data_config)
+    log.info("decoded-image cache %s", decoded["reason"])
     datamodule = ImageFolderDataModule(
         splits, choice.data_config, batch_size=r.batch_size, num_workers=a.num_workers, seed=a.seed,
         augment={"scale_min": r.scale_min, "hflip": r.hflip, "color_jitter": r.color_jitter},
         class_balanced=balance.method == "sampler", pin_memory=device.pin_memory, ranks=ranks,
+        decoded_cache=decoded["on"],
     )
-    return classifier, datamodule
+    return classifier, datamodule, decoded
+
+
+def decoded_cache_plan(splits: DatasetSplits, data_config: dict[str, Any]) -> dict[str, Any]:
+    """Whether the run reads its images through the decoded-image cache (``data/cache.py``): when every split
+    of the folder fits the cache's budget, estimated from a sample of image headers. Decoding is then done once,
+    not once per epoch and per pass; a folder of large photos beyond the budget is decoded every time."""
+    paths = [s.path for s in (*splits.train, *splits.val, *splits.test)]
+    need, budget = estimated_bytes(paths, data_config), DEFAULT_BUDGET_BYTES
+    on = 0 < need <= budget
+    reason = (f"{'on' if on else 'off'}: {len(paths):,} images need about {need / 2**20:,.0f} MiB "
+              f"{'within' if on else 'beyond'} its {budget / 2**30:g} GiB budget")
+    return {"on": on, "estimated_bytes": need, "budget_bytes": budget, "reason": reason}
 
 
 def _start_run_dir(a: FitArguments, data_dir: Path, choice: Choice, splits: DatasetSplits, ranks: Ranks) -> Path:
@@ -391,7 +409,10 @@ def _train(classifier: Classifier, datamodule: ImageFolderDataModule, r: Recipe,
     if probe is not None and not r.trains_backbone:
         return finish_probe_only(module, probe, datamodule, run_dir, phases, ranks), module, probe
     candidate = probed_model(module, probe) if probe is not None else None
-    epochs = r.epochs - (r.freeze_epochs if probe is not None else 0)
+    epochs = r.lightning_epochs(len(datamodule.splits.train), probed=probe is not None)
+    if epochs < r.epochs - (r.freeze_epochs if probe is not None else 0):
+        log.info("%d epoch(s) of %d images: max_train_images = %d", epochs, len(datamodule.splits.train),
+                 r.max_train_images)
     outcome: Outcome = train_epochs(module, datamodule, r, device=device, precision=prec, run_dir=run_dir,
                                     epochs=epochs, probed=probe is not None, progress=progress,
                                     limit_batches=a.limit_batches, ranks=ranks, checkpoint_every=a.checkpoint_every,

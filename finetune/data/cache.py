@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import secrets
 import shutil
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .. import caches
@@ -76,6 +78,25 @@ def cache_side(data_config: Mapping[str, Any]) -> int:
     """
     cfg = parse_data_config(data_config)
     return max(*eval_resize_size(cfg.size, cfg.crop_pct), *cfg.size)
+
+
+def estimated_bytes(paths: Sequence[str | os.PathLike[str]], data_config: Mapping[str, Any], sample: int = 200,
+                    seed: int = 0) -> int:
+    """What a filled cache of ``paths`` would hold, from the headers of a seeded sample of them (nothing
+    decoded): the mean stored size (shorter side shrunk to ``cache_side``, never enlarged) times their number."""
+    if not paths:
+        return 0
+    side = cache_side(data_config)
+    sizes = []
+    for path in random.Random(seed).sample(list(paths), min(sample, len(paths))):
+        try:
+            with Image.open(path) as img:
+                w, h = img.size
+        except OSError:
+            continue  # the pre-flight check has already named unreadable files
+        scale = min(1.0, side / min(w, h))
+        sizes.append(round(w * scale) * round(h * scale) * 3)
+    return int(sum(sizes) / len(sizes) * len(paths)) if sizes else 0
 
 
 @dataclass(frozen=True)

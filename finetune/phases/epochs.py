@@ -22,6 +22,7 @@ from ..data import ImageFolderDataModule
 from ..device import Device
 from ..distributed import Ranks
 from ..model.batchnorm import SyncBatchNorm
+from ..model.depthwise import small_map_backward
 from ..model.freezing import StagedFinetuning
 from ..model.module import TransferModule
 from ..plots import plot_curves
@@ -74,7 +75,9 @@ def train_epochs(module: TransferModule, datamodule: ImageFolderDataModule, reci
     with warnings.catch_warnings():
         for message in _EXPECTED_WARNINGS:
             warnings.filterwarnings("ignore", message)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=None if resume is None else resume.path)
+        # PyTorch's CPU backward of depthwise layers on tiny maps is slow (finetune/model/depthwise.py)
+        with small_map_backward(module.classifier, cpu=device.kind == "cpu"):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=None if resume is None else resume.path)
         processes = {"strategy": type(trainer.strategy).__name__, "global_batch": recipe.batch_size * ranks.world,
                      "final_weights_sha256": ranks.gather(_digest(module))}
         _load_best(module, checkpoint, ranks)

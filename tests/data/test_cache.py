@@ -280,3 +280,26 @@ def test_caches_of_deleted_folders_are_removed(tmp_path: Path, monkeypatch: pyte
     kept_cache = DecodedImageCache.for_dataset(kept, CONFIG)
     kept_cache.fill([])
     assert list(caches.iterdir()) == [kept_cache.directory]
+
+
+def test_estimated_bytes_from_headers(tmp_path: Path) -> None:
+    """Images smaller than the cache side are stored as they are; larger ones shrink to it (never enlarged)."""
+    small = write_images(tmp_path / "small", count=4, size=(20, 20))  # widths 20, 24, 28, 32: all kept whole
+    from finetune.data.cache import estimated_bytes
+    assert estimated_bytes(small, CONFIG) == sum(20 * (20 + 4 * i) * 3 for i in range(4))
+    big = write_images(tmp_path / "big", count=2, size=(360, 360))  # shorter side 360 -> 36
+    assert estimated_bytes(big, CONFIG) == 2 * (36 * 36 + 36 * 36) * 3 // 2
+    assert estimated_bytes([], CONFIG) == 0
+
+
+def test_fit_reads_through_the_cache_within_its_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fit`'s plan: on when the folder fits the budget, off beyond it, with the estimate in the reason."""
+    from finetune import train
+    from finetune.data.splits import load_splits
+    write_images(tmp_path / "data", count=8, size=(20, 20))
+    splits = load_splits(tmp_path / "data", val_fraction=0.25, seed=0)
+    plan = train.decoded_cache_plan(splits, CONFIG)
+    assert plan["on"] and 0 < plan["estimated_bytes"] <= plan["budget_bytes"] and plan["reason"].startswith("on")
+    monkeypatch.setattr(train, "DEFAULT_BUDGET_BYTES", plan["estimated_bytes"] - 1)
+    plan = train.decoded_cache_plan(splits, CONFIG)
+    assert not plan["on"] and plan["reason"].startswith("off")
