@@ -206,7 +206,7 @@ def build_summary(*, data_dir: Path, run_dir: Path, recipe: Recipe, reason: str,
         "val": outcome.val, "test": outcome.test, "calibration": calibration, "export": exported, "probe": probe,
         "skipped_files": len(skipped), "skipped": skipped, "preflight": preflight, "balance": balance,
         "timings": timings, "train_images_per_s": outcome.train_images_per_s, "trainable_parameters": trainable,
-        "processes": outcome.processes, "resolution": resolution,
+        "processes": outcome.processes, "resolution": resolution, "frozen_cache": outcome.frozen_cache,
         "versions": versions(),
     }
 
