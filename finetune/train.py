@@ -43,8 +43,7 @@ from .model.domain import DomainGap
 from .model.frozen_forward import FrozenEngine, choose_backend
 from .model.module import TransferModule
 from .output_space import check_output_space, run_bytes_needed
-from .phases import Outcome
-from .phases import frozen_cache
+from .phases import Outcome, frozen_cache
 from .phases.epochs import train_epochs
 from .phases.probe import Probe, finish_probe_only, keep_the_better, probed_model, run_probe
 from .phases.resume import LAST, ResumePoint

@@ -29,7 +29,8 @@ def run(data: Path, epochs: int, views: int, sets: list[str]) -> dict:
         out = Path(work) / "fit.json"
         subprocess.run([sys.executable, str(HERE / "bench_large.py"), "fit", "--data", str(data), "--recipe",
                         "large-similar", "--set", f"epochs={epochs}", "--set", f"frozen_cache_views={views}",
-                        *(a for kv in sets for a in ("--set", kv)), "--out", str(out)], check=True, stdout=subprocess.DEVNULL)
+                        *(a for kv in sets for a in ("--set", kv)), "--out", str(out)],
+                       check=True, stdout=subprocess.DEVNULL)
         fit = json.loads(out.read_text())["fit"]
     timings, cache = fit["timings_s"], fit["frozen_cache"] or {"used": False}
     lightning_epochs = max(1, fit["epochs_run"])

@@ -3,7 +3,6 @@ view schedule is deterministic and uses every view, and a run with it exports an
 
 import json
 
-import numpy as np
 import pytest
 import timm
 import torch
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 
 from finetune import caches, recipes
 from finetune.data import ImageFolderDataModule, scan_image_folder
+from finetune.distributed import Ranks
 from finetune.errors import RecipeError
 from finetune.model.classifier import Classifier
 from finetune.phases import frozen_cache
@@ -96,3 +96,18 @@ def test_fit_with_the_cache_exports_and_predicts(image_folder, tmp_path, monkeyp
     predictions = load(result.run_dir, backend="torch").predict([next(folder.rglob("*.png"))])
     assert len(predictions) == 1
     assert cache["storage"] == "disk" and not list(caches.KINDS["activations"].folder.iterdir())  # removed
+
+
+def test_falls_back_with_a_reason_where_it_cannot_store_or_be_exact(tmp_path, monkeypatch, caplog):
+    recipe = recipes.get("large-similar")
+    cache, summary = frozen_cache.build(None, None, recipe, device=None, precision=None, ranks=Ranks(world=2),
+                                        phases=None, name="run")
+    assert cache is None and summary == {"used": False, "reason": "it runs on one process only"}
+    assert "frozen-part cache not used (it runs on one process only)" in caplog.text
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(frozen_cache, "MEMORY_SHARE", 0.0)
+    assert frozen_cache._storage(1000, "run")[0].parent == caches.KINDS["activations"].folder  # on disk
+    monkeypatch.setattr(frozen_cache, "DISK_HEADROOM", 1 << 60)  # a full disk
+    assert "do not fit in memory or on" in frozen_cache._storage(1000, "run")[1]
+    monkeypatch.setitem(caches.KINDS, "activations", caches.Kind("activations", "", 100))
+    assert "exceed the activations cache's budget" in frozen_cache._storage(1000, "run")[1]

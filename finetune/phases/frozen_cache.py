@@ -213,10 +213,10 @@ def build(classifier: Classifier, datamodule: ImageFolderDataModule, recipe: Rec
     started = time.perf_counter()
     splits = datamodule.splits
     n = {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)}
-    first = next(iter(_batches(datamodule, "train", 0, min(8, n["train"]), workers=0)), None)
-    if first is None:
+    probe_images = next((images for indices, images, _ in _batches(datamodule, "train", 0, min(8, n["train"]),
+                                                                   workers=0) if len(indices)), None)
+    if probe_images is None:
         return _fallback("no training image decodes")
-    probe_images = first[1]
     reason = check_split(CPU.place(classifier), owners, probe_images)
     if reason:
         return _fallback(f"{recipe.model}: {reason}")
@@ -224,12 +224,11 @@ def build(classifier: Classifier, datamodule: ImageFolderDataModule, recipe: Rec
     runner = FrozenPass(FrozenPrefix(classifier, last), device=device, bf16=precision.lightning == "bf16-mixed",
                         channels_last=precision.channels_last)
     shape = tuple(runner(probe_images[:1])[0].shape[1:])
-    per_image = int(np.prod(shape)) * 2
-    nbytes = per_image * (views * n["train"] + n["val"] + n["test"])
+    rows = views * n["train"] + n["val"] + n["test"]
+    nbytes = rows * int(np.prod(shape)) * np.dtype(np.float16).itemsize
     path, reason = _storage(nbytes, name)
     if reason:
         return _fallback(reason)
-    rows = views * n["train"] + n["val"] + n["test"]
     flat = np.zeros((rows, *shape), np.float16) if path is None else \
         open_memmap(path, mode="w+", dtype=np.float16, shape=(rows, *shape))
     a, b = views * n["train"], views * n["train"] + n["val"]  # the training images' views, validation, test
@@ -242,10 +241,11 @@ def build(classifier: Classifier, datamodule: ImageFolderDataModule, recipe: Rec
             for view in passes:
                 target = arrays[split] if view is None else arrays[split][view]
                 mask = ok[split] if view is None else ok[split][view]
-                for indices, images in _batches(datamodule, split, view, datamodule.batch_size):
-                    target[indices] = runner(images)[0].numpy().astype(np.float16)
-                    mask[indices] = True
-                    step(len(indices))
+                for indices, images, count in _batches(datamodule, split, view, datamodule.batch_size):
+                    if len(indices):
+                        target[indices] = runner(images)[0].numpy().astype(np.float16)
+                        mask[indices] = True
+                    step(count)
     if isinstance(flat, np.memmap):
         flat.flush()
     cache = FrozenCache(owners, arrays["train"], arrays["val"], arrays["test"], ok, path,
@@ -267,9 +267,9 @@ def view_seed(seed: int, view: int, index: int) -> int:
 
 
 def _batches(datamodule: ImageFolderDataModule, split: str, view: int | None, batch_size: int,
-             workers: int | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-    """(indices, images) of the images of ``split`` that decode, in order: view ``view`` of the training images
-    (augmented), the validation or test images as evaluation sees them."""
+             workers: int | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor, int]]:
+    """(indices, images, images read) per batch of ``split``, in order, the images that decode only: view ``view``
+    of the training images (augmented), the validation or test images as evaluation sees them."""
     samples = getattr(datamodule.splits, split)
     transform = datamodule.eval_transform if view is None else datamodule.train_transform
     dataset = ImageFolderDataset(samples, transform, datamodule.decoded_cache)
@@ -277,9 +277,7 @@ def _batches(datamodule: ImageFolderDataModule, split: str, view: int | None, ba
     loader = DataLoader(_Keyed(dataset, keys), batch_size=batch_size,
                         num_workers=datamodule.num_workers if workers is None else workers,
                         collate_fn=_collate_keyed)
-    for indices, images in loader:
-        if len(indices):
-            yield indices, images
+    yield from loader
 
 
 class _Keyed(Dataset):
@@ -297,8 +295,8 @@ class _Keyed(Dataset):
 def _collate_keyed(batch):
     good = [(i, item[0]) for i, item in batch if item[0] is not None]
     if not good:
-        return np.zeros(0, np.int64), torch.empty(0)
-    return np.array([i for i, _ in good]), torch.stack([t for _, t in good])
+        return np.zeros(0, np.int64), torch.empty(0), len(batch)
+    return np.array([i for i, _ in good]), torch.stack([t for _, t in good]), len(batch)
 
 
 class ViewSampler(EpochSampler):
