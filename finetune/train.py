@@ -12,6 +12,7 @@ decay, best epoch), so its score is not what the model will do on new images.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -43,7 +44,7 @@ from .model.domain import DomainGap
 from .model.frozen_forward import FrozenEngine, choose_backend
 from .model.module import TransferModule
 from .output_space import check_output_space, run_bytes_needed
-from .phases import Outcome
+from .phases import Outcome, frozen_cache
 from .phases.epochs import train_epochs
 from .phases.probe import Probe, finish_probe_only, keep_the_better, probed_model, run_probe
 from .phases.resume import LAST, ResumePoint
@@ -413,13 +414,24 @@ def _train(classifier: Classifier, datamodule: ImageFolderDataModule, r: Recipe,
     if epochs < r.epochs - (r.freeze_epochs if probe is not None else 0):
         log.info("%d epoch(s) of %d images: max_train_images = %d", epochs, len(datamodule.splits.train),
                  r.max_train_images)
-    outcome: Outcome = train_epochs(module, datamodule, r, device=device, precision=prec, run_dir=run_dir,
-                                    epochs=epochs, probed=probe is not None, progress=progress,
-                                    limit_batches=a.limit_batches, ranks=ranks, checkpoint_every=a.checkpoint_every,
-                                    resume=resume)
+    cache, cache_summary = frozen_cache.build(classifier, datamodule, r, device=device, precision=prec, ranks=ranks,
+                                              phases=phases, name=run_dir.name) \
+        if r.caches_frozen_part else (None, None)
+    try:
+        with frozen_cache.skipping(classifier, cache.owners) if cache else contextlib.nullcontext():
+            outcome: Outcome = train_epochs(
+                module, frozen_cache.CachedDataModule(datamodule, cache) if cache else datamodule, r, device=device,
+                precision=prec, run_dir=run_dir, epochs=epochs, probed=probe is not None, progress=progress,
+                limit_batches=a.limit_batches, ranks=ranks, checkpoint_every=a.checkpoint_every, resume=resume)
+    finally:
+        if cache:
+            cache.close()
     if candidate is not None:
         outcome.selection = f"{probe.selection}, then {outcome.selection}"
         outcome = keep_the_better(module, candidate, probe, outcome, datamodule, run_dir, phases, ranks)
+    outcome.frozen_cache = cache_summary
+    if cache:
+        outcome.timings["frozen_cache_s"] = cache.fill_s
     return outcome, module, probe
 
 

@@ -67,11 +67,11 @@ def pipeline(data: Path) -> dict:
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
-def fit(data: Path, sets: list[str]) -> dict:
+def fit(data: Path, sets: list[str], recipe: str = "auto") -> dict:
     with tempfile.TemporaryDirectory() as work:
         out = Path(work) / "run"
-        command = [sys.executable, "-m", "finetune", "fit", str(data), "--no-progress", "--out", str(out),
-                   *(a for kv in sets for a in ("--set", kv))]
+        command = [sys.executable, "-m", "finetune", "fit", str(data), "--recipe", recipe, "--no-progress",
+                   "--out", str(out), *(a for kv in sets for a in ("--set", kv))]
         started = time.perf_counter()
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - started
@@ -80,7 +80,7 @@ def fit(data: Path, sets: list[str]) -> dict:
             "test_acc": summary["test"].get("acc"), "val_acc": summary["val"]["acc"], "wall_s": round(wall, 1),
             "training": summary["training"], "epochs_run": summary["epochs_run"], "best_epoch": summary["best_epoch"],
             "timings_s": {k: round(v, 1) for k, v in summary["timings"].items()},
-            "train_images_per_s": summary["train_images_per_s"],
+            "train_images_per_s": summary["train_images_per_s"], "frozen_cache": summary.get("frozen_cache"),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
 
 
@@ -89,9 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("bench", choices=("pipeline", "fit"))
     parser.add_argument("--data", type=Path, default=Path("data/fm-full"))
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--recipe", default="auto", help="the recipe (fit)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override (fit)")
     args = parser.parse_args(argv)
-    measured = pipeline(args.data) if args.bench == "pipeline" else fit(args.data, args.set)
+    measured = pipeline(args.data) if args.bench == "pipeline" else fit(args.data, args.set, args.recipe)
     result = {"machine": _machine(), "data": str(args.data), args.bench: measured}
     text = json.dumps(result, indent=1)
     print(text)

@@ -74,11 +74,11 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def add_cache(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cache", help="list or clear the caches finetune keeps (weights, doctor checks, decoded "
-                                     "images)")
+                                     "images, frozen-part activations)")
     p.set_defaults(handler=cmd_cache)
     p.add_argument("action", choices=("list", "clear"))
-    p.add_argument("kinds", nargs="*", metavar="KIND", help="clear only these: weights, doctor, decoded "
-                                                            "(default: every cache)")
+    p.add_argument("kinds", nargs="*", metavar="KIND", help="clear only these: weights, doctor, decoded, "
+                                                            "activations (default: every cache)")
 
 
 def cmd_cache(args: argparse.Namespace) -> int:

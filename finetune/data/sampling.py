@@ -30,7 +30,8 @@ def balanced_weights(labels: Sequence[int]) -> torch.Tensor:
     return torch.tensor([1.0 / counts[label] for label in labels], dtype=torch.double)
 
 
-def _mix(*values: int) -> int:
+def mix(*values: int) -> int:
+    """One 32-bit seed from several integers (numpy's SeedSequence: nearby inputs give unrelated seeds)."""
     return int(np.random.SeedSequence(values).generate_state(1)[0])
 
 
@@ -58,7 +59,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
     def order(self, epoch: int) -> torch.Tensor:
         """Every rank's positions of ``epoch``: the global order, padded to a multiple of ``world``."""
-        generator = torch.Generator().manual_seed(_mix(self.seed, epoch))
+        generator = torch.Generator().manual_seed(mix(self.seed, epoch))
         if self.weights is not None:
             order = torch.multinomial(self.weights, self.size, replacement=True, generator=generator)
         else:
@@ -73,4 +74,4 @@ class EpochSampler(Sampler[tuple[int, int]]):
             start = self._resume_at[1]
             self._resume_at = None
         for position in range(self.rank + start * self.world, len(order), self.world):
-            yield int(order[position]), _mix(self.seed, self.epoch, position)
+            yield int(order[position]), mix(self.seed, self.epoch, position)

@@ -66,7 +66,7 @@ class TransferModule(pl.LightningModule):
         self.outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
+        if self.channels_last and x.ndim == 4:  # images, or a cached frozen part's activations
             x = x.contiguous(memory_format=torch.channels_last)
         return self.classifier(x)
 

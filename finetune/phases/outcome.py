@@ -26,3 +26,5 @@ class Outcome:
     # the processes that trained (world, strategy, global batch) and each rank's final weights' sha256: DDP
     # keeps them identical, so the digests must agree
     processes: dict[str, Any] = field(default_factory=dict)
+    # the frozen-part cache of the epochs (phases/frozen_cache.py): used or why not, views, bytes, fill time
+    frozen_cache: dict[str, Any] | None = None
