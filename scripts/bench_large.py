@@ -67,20 +67,26 @@ def pipeline(data: Path) -> dict:
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
-def fit(data: Path, sets: list[str], recipe: str = "auto") -> dict:
+def fit(data: Path, sets: list[str], recipe: str = "auto", keep: Path | None = None) -> dict:
+    from finetune.runs import read_epoch_metrics
+
     with tempfile.TemporaryDirectory() as work:
-        out = Path(work) / "run"
+        out = keep or Path(work) / "run"
         command = [sys.executable, "-m", "finetune", "fit", str(data), "--recipe", recipe, "--no-progress",
                    "--out", str(out), *(a for kv in sets for a in ("--set", kv))]
         started = time.perf_counter()
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - started
         summary = json.loads((out / "summary.json").read_text())
+        epochs = [{k: row[k] for k in ("epoch", "val/acc", "train/loss") if k in row}
+                  for row in read_epoch_metrics(out / "metrics.csv") if "val/acc" in row]
     return {"sets": sets, "recipe": summary["recipe"], "resolution": summary["resolution"],
             "test_acc": summary["test"].get("acc"), "val_acc": summary["val"]["acc"], "wall_s": round(wall, 1),
             "training": summary["training"], "epochs_run": summary["epochs_run"], "best_epoch": summary["best_epoch"],
             "timings_s": {k: round(v, 1) for k, v in summary["timings"].items()},
             "train_images_per_s": summary["train_images_per_s"], "frozen_cache": summary.get("frozen_cache"),
+            "decoded_cache": summary.get("decoded_cache"), "probe": summary.get("probe"), "kept": summary.get("kept"),
+            "val_acc_per_epoch": epochs,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
 
 
@@ -91,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--recipe", default="auto", help="the recipe (fit)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override (fit)")
+    parser.add_argument("--keep", type=Path, help="keep the run folder here (fit; new or empty)")
     args = parser.parse_args(argv)
-    measured = pipeline(args.data) if args.bench == "pipeline" else fit(args.data, args.set, args.recipe)
+    measured = pipeline(args.data) if args.bench == "pipeline" else fit(args.data, args.set, args.recipe, args.keep)
     result = {"machine": _machine(), "data": str(args.data), args.bench: measured}
     text = json.dumps(result, indent=1)
     print(text)
