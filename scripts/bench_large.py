@@ -4,13 +4,16 @@
     python scripts/make_fashion_mnist.py --out data/fm-full --per-class 5400 --val-per-class 600 --test-per-class 1000
     python scripts/bench_large.py pipeline --data data/fm-full --out bench/large-pipeline-avx2.json
     python scripts/bench_large.py fit --data data/fm-full --set epochs=3 --out bench/large-fit-e3-avx2.json
+    python scripts/bench_large.py fit --data data/fm-full --keep /tmp/full-run --out bench/large-fit-avx2.json
+    python scripts/bench_large.py loader --data data/fm-full --out bench/large-loader-avx2.json
 
 `pipeline` times the scan and split, the pre-flight doctor check with an empty cache (every file read, decoded
 and hashed; the leakage comparison of every held-out image against every training image) and again with a
 warm one, the native-size reading of the resolution choice, and the domain-gap pass, in this process. It also
 records the peak resident memory. `fit` runs `finetune fit DIR` (its defaults, plus any `--set`) end to end in
-its own process: held-out test accuracy, wall time, the time of each phase and the process's peak resident
-memory. Accuracy against time at several resolutions comes from
+its own process: held-out test accuracy, wall time, the time of each phase, validation accuracy per epoch and
+the process's peak resident memory. `loader` times passes of the training loader from the files against
+passes through the decoded-image cache. Accuracy against time at several resolutions comes from
 `scripts/bench_recipes.py --set resolution=N` (docs/benchmarks.md, "Resolution").
 """
 
@@ -67,6 +70,48 @@ def pipeline(data: Path) -> dict:
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
+def loader(data: Path, side: int = 64, images: int = 10_000, repeats: int = 3) -> dict:
+    """One pass of `fit`'s training loader (decode, augmentation, collation at ``side`` px, its default
+    workers) over a seeded sample of ``images`` training images, read from the files and through a filled decoded-image
+    cache, alternating; the median pass of each."""
+    import statistics
+
+    import timm
+
+    from finetune.data import ImageFolderDataModule
+    from finetune.data.cache import DecodedImageCache
+    from finetune.data.splits import load_splits
+    from finetune.resolution import with_side
+
+    import dataclasses
+    import random
+
+    splits = load_splits(data)
+    rng = random.Random(0)
+    splits = dataclasses.replace(splits, train=rng.sample(splits.train, min(images, len(splits.train))),
+                                 val=rng.sample(splits.val, min(100, len(splits.val))), test=[])
+    config = with_side(timm.data.resolve_data_config({}, model=timm.create_model("tf_efficientnet_lite0")), side)
+    seconds: dict[str, list[float]] = {"files": [], "decoded_cache": []}
+    with tempfile.TemporaryDirectory() as folder:
+        cache = DecodedImageCache.for_dataset(data, config, directory=folder)
+        modules = {"files": ImageFolderDataModule(splits, config, decoded_cache=False),
+                   "decoded_cache": ImageFolderDataModule(splits, config, decoded_cache=cache)}
+        started = time.perf_counter()
+        modules["decoded_cache"].fill_decoded_cache()
+        fill = time.perf_counter() - started
+        for _ in range(repeats):
+            for name, module in modules.items():
+                started = time.perf_counter()
+                for _batch in module.train_dataloader():
+                    pass
+                seconds[name].append(time.perf_counter() - started)
+    median = {name: statistics.median(values) for name, values in seconds.items()}
+    return {"images": len(splits.train), "side": side, "workers": modules["files"].num_workers,
+            "fill_s": round(fill, 2), "fill_images": len(splits.train) + len(splits.val) + len(splits.test),
+            "pass_s": {k: round(v, 2) for k, v in median.items()},
+            "images_per_s": {k: round(len(splits.train) / v, 1) for k, v in median.items()}}
+
+
 def fit(data: Path, sets: list[str], recipe: str = "auto", keep: Path | None = None) -> dict:
     from finetune.runs import read_epoch_metrics
 
@@ -92,14 +137,15 @@ def fit(data: Path, sets: list[str], recipe: str = "auto", keep: Path | None = N
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("bench", choices=("pipeline", "fit"))
+    parser.add_argument("bench", choices=("pipeline", "loader", "fit"))
     parser.add_argument("--data", type=Path, default=Path("data/fm-full"))
     parser.add_argument("--out", type=Path)
     parser.add_argument("--recipe", default="auto", help="the recipe (fit)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override (fit)")
     parser.add_argument("--keep", type=Path, help="keep the run folder here (fit; new or empty)")
     args = parser.parse_args(argv)
-    measured = pipeline(args.data) if args.bench == "pipeline" else fit(args.data, args.set, args.recipe, args.keep)
+    measured = {"pipeline": lambda: pipeline(args.data), "loader": lambda: loader(args.data),
+                "fit": lambda: fit(args.data, args.set, args.recipe, args.keep)}[args.bench]()
     result = {"machine": _machine(), "data": str(args.data), args.bench: measured}
     text = json.dumps(result, indent=1)
     print(text)
