@@ -87,3 +87,17 @@ def test_active_fields_follow_the_training_path():
     assert {"flip_views", "lr", "layer_decay", "freeze_epochs"} <= set(large.active_fields())
     assert "momentum" not in large.active_fields()
     assert "momentum" in large.override({"optimizer": "sgd"}).active_fields()
+
+
+def test_max_train_images_cuts_the_lightning_epochs():
+    """large-different: 15 epochs, the first replaced by the probe; on a large set the cap acts, never below 1."""
+    r = recipes.get("large-different")
+    assert r.max_train_images == 270_000
+    assert r.lightning_epochs(1_000, probed=True) == 14  # the demo keeps the recipe's epochs
+    assert r.lightning_epochs(54_000, probed=True) == 5  # full Fashion-MNIST
+    assert r.lightning_epochs(54_000, probed=False) == 5
+    assert r.lightning_epochs(1_000_000, probed=True) == 1
+    assert r.override({"max_train_images": 0}).lightning_epochs(54_000, probed=True) == 14
+    assert r.override({"epochs": 3}).lightning_epochs(54_000, probed=True) == 2  # the cap never adds epochs
+    with pytest.raises(RecipeError, match="max_train_images"):
+        r.override({"max_train_images": -1})

@@ -122,7 +122,7 @@ def fit_linear_probe(
     x, y = train.features.float(), train.labels.to(device)
     mean = x.mean(0)
     std = (x.var(0, unbiased=False) + STANDARDISE_EPS).sqrt()
-    z = (x - mean) / std
+    z = torch.sub(x, mean).div_(std)  # one copy of the features, not two (memory at 100,000s of images)
     zv, yv = (val.features.to(device).float() - mean) / std, val.labels.to(device)
     weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=z.dtype, device=device)
     key = "val_acc" if weights is None else "val_balanced_acc"

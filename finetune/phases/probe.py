@@ -96,6 +96,7 @@ def run_probe(classifier: Classifier, datamodule: ImageFolderDataModule, recipe:
         val = eval_features(classifier, datamodule, "val", runner, step)
     train = CachedFeatures(torch.cat([p.features for p in passes]), torch.cat([p.labels for p in passes]),
                            sorted({f for p in passes for f in p.skipped}), sum(p.seconds for p in passes))
+    del passes  # the views' own copies: on a large set, hundreds of MB held through the fit for nothing
     result = _fit_head(train, val, classifier.num_classes, class_weights, device) if ranks.main else None
     result = ranks.broadcast(result)
     classifier.set_linear_head(result.weight, result.bias, result.mean, result.std)
