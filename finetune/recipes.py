@@ -158,8 +158,8 @@ class Recipe:
         if self.probes:
             names += ["flip_views", "feature_views"]
         if self.trains_epochs:
-            names += ["epochs", "max_train_images", "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs", "min_lr_ratio",
-                      "label_smoothing", "head_dropout", "early_stopping"]
+            names += ["epochs", "max_train_images", "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs",
+                      "min_lr_ratio", "label_smoothing", "head_dropout", "early_stopping"]
             names += ["momentum"] if self.optimizer == "sgd" else []
         if self.trains_backbone:
             names += ["freeze_epochs", "backbone_lr_scale", "drop_path", "sync_batchnorm", "resolution"]

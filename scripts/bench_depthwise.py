@@ -2,10 +2,11 @@
 
     python scripts/bench_depthwise.py --out bench/depthwise-avx2.json
 
-For each training side, batch size and memory layout (`fit` trains channels_last where the CPU has native
-bf16, else NCHW): `tf_efficientnet_lite0` in training mode, fp32, one step = forward, cross-entropy, backward and an AdamW step. The two variants alternate step by step
-in one process (same weights, same batch), so both see the same machine; the figure is the median over the
-timed steps after two warm-up steps each. No pretrained weights are needed: the cost does not depend on them.
+For each training side, batch size and memory layout (`fit` trains channels_last on a CPU): `tf_efficientnet_lite0`
+in training mode, fp32, one step = forward, cross-entropy, backward and an AdamW step. The two variants
+alternate step by step in one process (same weights, same batch), so both see the same machine; the figure is
+the median over the timed steps after two warm-up steps each. No pretrained weights are needed: the cost does
+not depend on them.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
-
 from bench_train import _machine
+
 from finetune.model.depthwise import small_map_backward
 
 

@@ -74,6 +74,8 @@ def loader(data: Path, side: int = 64, images: int = 10_000, repeats: int = 3) -
     """One pass of `fit`'s training loader (decode, augmentation, collation at ``side`` px, its default
     workers) over a seeded sample of ``images`` training images, read from the files and through a filled decoded-image
     cache, alternating; the median pass of each."""
+    import dataclasses
+    import random
     import statistics
 
     import timm
@@ -82,9 +84,6 @@ def loader(data: Path, side: int = 64, images: int = 10_000, repeats: int = 3) -
     from finetune.data.cache import DecodedImageCache
     from finetune.data.splits import load_splits
     from finetune.resolution import with_side
-
-    import dataclasses
-    import random
 
     splits = load_splits(data)
     rng = random.Random(0)

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
@@ -389,7 +390,9 @@ def _as_is(item: Any) -> Any:
 
 def _decoded(paths: Sequence[str], side: int, interpolation: str, workers: int
              ) -> Iterator[tuple[str, tuple[int, int], np.ndarray | None]]:
+    # its own generator: a loader draws its workers' base seed when iterated, and a draw from the global RNG
+    # would make a run that fills the cache train differently from one that finds it filled
     loader = DataLoader(_Decode(paths, side, interpolation), batch_size=None, num_workers=workers,
-                        collate_fn=_as_is)
+                        collate_fn=_as_is, generator=torch.Generator())
     for path, stat, pixels in loader:
         yield path, stat, (pixels if stat is not None else None)

@@ -303,3 +303,14 @@ def test_fit_reads_through_the_cache_within_its_budget(tmp_path: Path, monkeypat
     monkeypatch.setattr(train, "DEFAULT_BUDGET_BYTES", plan["estimated_bytes"] - 1)
     plan = train.decoded_cache_plan(splits, CONFIG)
     assert not plan["on"] and plan["reason"].startswith("off")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_filling_leaves_the_global_rng_alone(tmp_path: Path, workers: int) -> None:
+    """A run that fills the cache must draw the same augmentation and dropout as one that finds it filled."""
+    paths = write_images(tmp_path / "data", count=4)
+    cache = DecodedImageCache(tmp_path / "cache", side=36)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    assert cache.fill(paths, workers=workers).added == 4
+    assert torch.equal(torch.get_rng_state(), state)
