@@ -36,9 +36,8 @@ def choose_precision(requested: str = "auto", device: Device | None = None) -> P
     if requested not in PRECISIONS:
         raise UsageError(f"--precision {requested}: choose from {', '.join(PRECISIONS)}")
     device = device or resolve_device()
-    cuda = device.kind == "cuda"
+    cuda, cpu = device.kind == "cuda", device.kind == "cpu"
     if requested == "fp32":
-        cpu = device.kind == "cpu"
         return Precision("32-true", cpu, "fp32 requested" + (" (channels_last on a CPU)" if cpu else ""))
     if requested == "16":
         return Precision("16-mixed", cuda, "fp16 mixed precision requested")
@@ -48,9 +47,8 @@ def choose_precision(requested: str = "auto", device: Device | None = None) -> P
         return Precision("bf16-mixed", True, f"bf16 autocast: {device.name} supports bf16")
     if cuda:
         return Precision("16-mixed", True, "fp16 autocast: this GPU has no bf16")
-    if device.kind == "cpu" and device.bf16:
+    if cpu and device.bf16:
         return Precision("bf16-mixed", True, "bf16 autocast + channels_last: the CPU has native bf16")
-    cpu = device.kind == "cpu"
     return Precision("32-true", cpu, "fp32" + (" + channels_last" if cpu else "") + ": the CPU has no native bf16")
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import platform
 import sys
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_train import write_result
 from PIL import Image
 
 
@@ -79,10 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         "cold": cold,
         "warm": warm,
     }
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    write_result(result, args.out)
     return 0
 
 

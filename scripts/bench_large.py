@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_train import _machine
+from bench_train import _machine, write_result
 
 
 def pipeline(data: Path) -> dict:
@@ -145,11 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     measured = {"pipeline": lambda: pipeline(args.data), "loader": lambda: loader(args.data),
                 "fit": lambda: fit(args.data, args.set, args.recipe, args.keep)}[args.bench]()
-    result = {"machine": _machine(), "data": str(args.data), args.bench: measured}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    write_result({"machine": _machine(), "data": str(args.data), args.bench: measured}, args.out)
     return 0
 
 

@@ -455,6 +455,14 @@ def _child_infer(allocator: bool, precision: str, batch_size: int, image_size: i
     return 0
 
 
+def write_result(result: dict, out: Path | None) -> None:
+    """Print a benchmark's result as JSON, and write it to ``out`` when given."""
+    text = json.dumps(result, indent=1)
+    print(text)
+    if out:
+        out.write_text(text + "\n")
+
+
 def _machine() -> dict:
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
