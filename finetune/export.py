@@ -197,7 +197,8 @@ Written = tuple[list[str], Runner, dict[str, Any]]
 def _write_safetensors(classifier: nn.Module, config: dict[str, Any], staging: Path, device: Device) -> Written:
     weights = safetensors.torch.save(runs.export_state_dict(classifier), metadata={"format": "pt"})
     atomic_write_bytes(staging / runs.WEIGHTS_NAME, weights)
-    if config.get("finetune", {}).get("head", "linear") == "linear":
+    extra = config.get("finetune", {})
+    if extra.get("head", "linear") == "linear" and not extra.get("ensemble"):
         # what a user without finetune does: plain timm, the hub config, the weights
         model = timm.create_model(config["architecture"], pretrained=False, num_classes=config["num_classes"])
         model.load_state_dict(safetensors.torch.load_file(str(staging / runs.WEIGHTS_NAME)))
@@ -206,7 +207,7 @@ def _write_safetensors(classifier: nn.Module, config: dict[str, Any], staging: P
             model, loader = MirrorAverage(model), loader + ", logits averaged with the mirror image's (test_flip)"
     else:
         model, _ = runs.load_model(staging)
-        loader = "finetune.runs.load_model (multi-stage head)"
+        loader = "finetune.runs.load_model (" + ("ensemble" if extra.get("ensemble") else "multi-stage head") + ")"
     runner = _torch_runner(ServingModel.from_config(model.eval(), config), device)
     return [runs.WEIGHTS_NAME], runner, {"loaded_with": loader}
 

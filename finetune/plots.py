@@ -23,10 +23,12 @@ def plot_curves(rows: list[dict[str, float]], path: Path) -> None:
     plt = _pyplot()
     epochs = [r["epoch"] + 1 for r in rows]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, label in (("train/loss", "train"), ("val/loss", "validation")):
-        ax_loss.plot(epochs, [r.get(key, math.nan) for r in rows], marker="o", label=label)
-    for key, label in (("train/acc", "train"), ("val/acc", "validation")):
-        ax_acc.plot(epochs, [r.get(key, math.nan) for r in rows], marker="o", label=label)
+    ema = any("val_ema/acc" in r for r in rows)  # a moving average of the weights was scored too
+    for metric, ax in (("loss", ax_loss), ("acc", ax_acc)):
+        series = [(f"train/{metric}", "train"), (f"val/{metric}", "validation")]
+        series += [(f"val_ema/{metric}", "validation, EMA weights")] if ema else []
+        for key, label in series:
+            ax.plot(epochs, [r.get(key, math.nan) for r in rows], marker="o", label=label)
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="top-1 accuracy", title="accuracy")
     for ax in (ax_loss, ax_acc):

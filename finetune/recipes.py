@@ -22,6 +22,7 @@ from .errors import RecipeError
 OPTIMIZERS = ("adamw", "sgd")
 HEADS = ("linear", "multistage")
 BALANCE = ("auto", "none", "sampler", "loss_weights")
+CROPS = ("auto", "center", "whole")
 
 # Below this many training images per class a recipe is "small": fine-tuning millions of pretrained
 # weights on a few hundred images overfits and costs minutes per epoch on a CPU, while a head on frozen
@@ -39,6 +40,9 @@ class Recipe:
     # backbone
     model: str = "tf_efficientnet_lite0"
     pretrained: bool = True
+    # an ensemble: more backbones, comma-separated, run frozen beside ``model`` on the same input; the head reads
+    # the features of all of them (fit --ensemble A,B,...: model = A, ensemble = "B,...")
+    ensemble: str = ""
     # schedule
     epochs: int = 10
     # training images the Lightning epochs see in all, at most: on a large training set the epochs are cut to
@@ -62,10 +66,18 @@ class Recipe:
     head_stages: int = 3  # multistage head: pooled outputs of this many top feature stages + final features
     head_dropout: float = 0.0
     drop_path: float = 0.0
+    # an exponential moving average of the weights (timm's ModelEmaV3) when the backbone trains; 0 = off. Its
+    # decay ramps up as 1 - (1 + step)^-3/4 to at most this; it is scored beside the raw weights every epoch and
+    # the better of the two is kept and exported
+    ema_decay: float = 0.0
     # several processes (fit --devices/--num-nodes): BatchNorm statistics of trained stages over the global batch
     sync_batchnorm: bool = True
     # input side in pixels when the backbone trains; 0: chosen from the images' native size (resolution.py)
     resolution: int = 0
+    # how an image becomes the input at evaluation, prediction and export: "center" (the backbone's centre crop,
+    # timm's ImageNet convention), "whole" (the whole image resized, no border cut) or "auto" (from the images'
+    # size: resolution.py)
+    crop: str = "auto"
     # augmentation
     scale_min: float = 0.5  # RandomResizedCrop lower scale bound
     hflip: float = 0.5
@@ -140,6 +152,15 @@ class Recipe:
         return self.trains_backbone and self.unfreeze_stages > 0 and self.head == "linear" and not self.test_flip
 
     @property
+    def ensemble_members(self) -> list[str]:
+        """The backbones after ``model`` (``ensemble``, split at the commas)."""
+        return [name.strip() for name in self.ensemble.split(",")] if self.ensemble.strip() else []
+
+    @property
+    def uses_ema(self) -> bool:
+        return self.ema_decay > 0 and self.trains_backbone
+
+    @property
     def caches_frozen_part(self) -> bool:
         return self.frozen_cache_views > 0 and self.frozen_part_cacheable
 
@@ -151,8 +172,8 @@ class Recipe:
     def active_fields(self) -> tuple[str, ...]:
         """The fields whose value changes what this recipe does, given its other values: the probe's fields
         when a head is fitted on cached features, the optimiser's and the augmentation's when epochs run."""
-        names = ["name", "description", "model", "pretrained", "unfreeze_stages", "head", "balance",
-                 "cached_features", "test_flip"]
+        names = ["name", "description", "model", "pretrained", "ensemble", "unfreeze_stages", "head", "balance",
+                 "cached_features", "test_flip", "crop"]
         if self.head == "multistage":
             names.append("head_stages")
         if self.probes:
@@ -162,7 +183,7 @@ class Recipe:
                       "min_lr_ratio", "label_smoothing", "head_dropout", "early_stopping"]
             names += ["momentum"] if self.optimizer == "sgd" else []
         if self.trains_backbone:
-            names += ["freeze_epochs", "backbone_lr_scale", "drop_path", "sync_batchnorm", "resolution"]
+            names += ["freeze_epochs", "backbone_lr_scale", "drop_path", "sync_batchnorm", "resolution", "ema_decay"]
             names += ["layer_decay"] if self.unfreeze_stages != 1 else []
         if self.frozen_part_cacheable:
             names.append("frozen_cache_views")
@@ -211,6 +232,12 @@ def _validate(r: Recipe) -> None:
     need(r.frozen_cache_views >= 0, "frozen_cache_views",
          "0 (off) or the number of augmented views of each training image to cache")
     need(r.balance in BALANCE, "balance", f"one of {BALANCE}")
+    need(r.crop in CROPS, "crop", f"one of {CROPS}")
+    need(not r.ensemble or not r.trains_backbone, "ensemble",
+         "an ensemble combines frozen backbones; use a recipe that keeps the backbone frozen "
+         "(--recipe small-similar or small-different) or drop the ensemble")
+    need(all(r.ensemble_members), "ensemble", "backbone names separated by commas, e.g. mobilenetv2_100")
+    need(0 <= r.ema_decay < 1, "ema_decay", "0 (off) or a decay in (0, 1), such as 0.9998")
 
 
 def _parse(key: str, type_name: str, value: Any) -> Any:

@@ -31,12 +31,14 @@ from .data import DatasetSplits
 from .errors import FinetuneError, UsageError
 from .files import atomic_write_bytes, atomic_write_json
 from .formats import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME  # noqa: F401
-from .model.classifier import Classifier
+from .model.classifier import Classifier, Member
 from .model.domain import DomainGap
 from .phases.outcome import Outcome
 from .plots import plot_probe_sweep
 from .recipes import Recipe
 from .runtime import Precision
+
+MEMBER_PREFIX = "finetune_members."  # the weights of an ensemble's backbones after the first
 
 
 class FormatVersionError(FinetuneError):
@@ -80,6 +82,8 @@ def model_config(classifier: Classifier, architecture: str, labels: list[str], d
     if classifier.multistage is not None:
         finetune["head_stages"] = classifier.head_stages
         finetune["head_in_features"] = classifier.multistage.in_features
+    if classifier.members:  # an ensemble: the backbones after the first, their weights under finetune_members.<i>.
+        finetune["ensemble"] = [m.to_config() for m in classifier.members]
     finetune.update(extra or {})
     return {
         "architecture": architecture,
@@ -96,6 +100,8 @@ def export_state_dict(classifier: Classifier) -> dict[str, torch.Tensor]:
     state = {k: v for k, v in classifier.backbone.state_dict().items()}
     if classifier.multistage is not None:
         state.update({f"finetune_head.{k}": v for k, v in classifier.multistage.state_dict().items()})
+    for i, member in enumerate(classifier.members):
+        state.update({f"{MEMBER_PREFIX}{i}.{k}": v for k, v in member.backbone.state_dict().items()})
     # safetensors wants dense, contiguous tensors; channels_last weights are neither in the default layout
     return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
 
@@ -116,18 +122,24 @@ def load_model(folder: str | Path) -> tuple[Classifier, dict[str, Any]]:
     extra = config.get("finetune", {})
     backbone = timm.create_model(config["architecture"], pretrained=False, num_classes=config["num_classes"],
                                  pretrained_cfg_overlay=data_config(config))
-    if extra.get("head") == "multistage":
-        classifier = Classifier(backbone, config["num_classes"], head="multistage",
-                                head_stages=len(extra["head_stages"]))
-    else:
-        classifier = Classifier(backbone, config["num_classes"])
+    cfg = data_config(config)
+    members = [Member(timm.create_model(m["architecture"], pretrained=False, num_classes=0), m["architecture"],
+                      m["head_stages"], m["mean"], m["std"], cfg["mean"], cfg["std"])
+               for m in extra.get("ensemble", [])]
+    head = extra.get("head", "linear")
+    classifier = Classifier(backbone, config["num_classes"], head=head, members=members,
+                            head_stages=len(extra["head_stages"]) if head == "multistage" else 3)
     classifier.test_flip = bool(extra.get("test_flip", False))  # folders written before it: no averaging
     state = safetensors.torch.load_file(str(folder / WEIGHTS_NAME))
-    head = {k.removeprefix("finetune_head."): v for k, v in state.items() if k.startswith("finetune_head.")}
-    body = {k: v for k, v in state.items() if not k.startswith("finetune_head.")}
+    head_state = {k.removeprefix("finetune_head."): v for k, v in state.items() if k.startswith("finetune_head.")}
+    body = {k: v for k, v in state.items() if not k.startswith(("finetune_head.", MEMBER_PREFIX))}
     classifier.backbone.load_state_dict(body, strict=True)
     if classifier.multistage is not None:
-        classifier.multistage.load_state_dict(head, strict=True)
+        classifier.multistage.load_state_dict(head_state, strict=True)
+    for i, member in enumerate(classifier.members):
+        prefix = f"{MEMBER_PREFIX}{i}."
+        member.backbone.load_state_dict({k.removeprefix(prefix): v for k, v in state.items()
+                                         if k.startswith(prefix)}, strict=True)
     return classifier.eval(), config
 
 
@@ -180,7 +192,7 @@ def read_epoch_metrics(metrics_csv: Path) -> list[dict[str, float]]:
                 continue
             entry = epochs.setdefault(int(float(row["epoch"])), {})
             for key, value in row.items():
-                if value not in ("", None) and (key.endswith("_epoch") or key.startswith("val/")):
+                if value not in ("", None) and (key.endswith("_epoch") or key.startswith(("val/", "val_ema/"))):
                     entry[key.removesuffix("_epoch")] = float(value)
     return [dict(epoch=e, **m) for e, m in sorted(epochs.items())]
 
@@ -208,9 +220,16 @@ def build_summary(*, data_dir: Path, run_dir: Path, recipe: Recipe, reason: str,
         "skipped_files": len(skipped), "skipped": skipped, "preflight": preflight, "balance": balance,
         "timings": timings, "train_images_per_s": outcome.train_images_per_s, "trainable_parameters": trainable,
         "processes": outcome.processes, "resolution": resolution, "decoded_cache": decoded_cache,
-        "frozen_cache": outcome.frozen_cache,
+        "frozen_cache": outcome.frozen_cache, "ema": outcome.ema, "inference": inference(recipe),
         "versions": versions(),
     }
+
+
+def inference(recipe: Recipe) -> dict[str, Any]:
+    """What one prediction of the kept model costs: its views of the image and the backbones each runs through."""
+    views = ["image", "mirror image"] if recipe.test_flip else ["image"]
+    backbones = [recipe.model, *recipe.ensemble_members]
+    return {"views": views, "backbones": backbones, "backbone_passes_per_image": len(views) * len(backbones)}
 
 
 def versions() -> dict[str, str]:
@@ -249,6 +268,10 @@ def write_report(path: Path, summary: dict[str, Any]) -> None:
         "was used for nothing but the scores below)" if test else f"- model selected by: {summary['selection']}",
         f"- backbone: `{summary['model']}`, precision {summary['precision']}{_processes(summary)}",
         f"- input resolution: {summary['resolution']['reason']}",
+        f"- input crop: {summary['resolution'].get('crop_reason', 'the backbone centre crop')}",
+        *([f"- each prediction: {' + '.join(summary['inference']['views'])} through "
+           f"{' + '.join(summary['inference']['backbones'])}"] if summary.get("inference") else []),
+        *([f"- weights kept: {summary['ema']['sentence']}"] if summary.get("ema") else []),
         f"- skipped unreadable files: {summary['skipped_files']}",
         f"- time: {summary['timings']['total_s']:.0f} s ({summary['train_images_per_s']:.1f} training images/s)",
         "",

@@ -39,7 +39,7 @@ from .errors import UsageError
 from .export import DEFAULT_FORMATS, export_run
 from .files import atomic_write_text
 from .model.backbones import create_backbone
-from .model.classifier import Classifier, check_head_stages
+from .model.classifier import Classifier, Member, check_head_stages
 from .model.domain import DomainGap
 from .model.frozen_forward import FrozenEngine, choose_backend
 from .model.module import TransferModule
@@ -51,7 +51,7 @@ from .phases.resume import LAST, ResumePoint
 from .progress import Phases
 from .recipe_choice import base_recipe, domain_sentence, measure_domain, resolve_recipe
 from .recipes import Recipe
-from .resolution import Resolution, choose_resolution, with_side
+from .resolution import Resolution, choose_resolution
 from .runtime import Precision, choose_precision, tune_allocator
 
 log = logging.getLogger("finetune")
@@ -306,8 +306,8 @@ def _choose(a: FitArguments, merged: dict[str, Any], splits: DatasetSplits, devi
     chosen, reason = resolve_recipe(a.recipe, per_class, "similar" if domain == "auto" else domain, merged,
                                     domain_reason)
     resolution = choose_resolution(chosen, splits, data_config["input_size"][-1], a.seed)
-    log.info("input resolution %s", resolution.reason)
-    return Choice(chosen, reason, backbone, with_side(data_config, resolution.side), gap, resolution)
+    log.info("input resolution %s; crop: %s", resolution.reason, resolution.crop_reason)
+    return Choice(chosen, reason, backbone, resolution.data_config(data_config), gap, resolution)
 
 
 def _build(choice: Choice, splits: DatasetSplits, balance: BalancePlan, device: Device, prec: Precision,
@@ -316,8 +316,9 @@ def _build(choice: Choice, splits: DatasetSplits, balance: BalancePlan, device: 
     if r.drop_path and r.trains_backbone:  # stochastic depth is set when timm builds the blocks
         backbone = create_backbone(r.model, pretrained=r.pretrained, num_classes=len(splits.classes),
                                    weights=a.weights, drop_path_rate=r.drop_path)
+    members = [_member(name, r, choice.data_config) for name in r.ensemble_members]
     classifier = Classifier(backbone, len(splits.classes), head=r.head, head_stages=r.head_stages,
-                            head_dropout=r.head_dropout, test_flip=r.test_flip)
+                            head_dropout=r.head_dropout, test_flip=r.test_flip, members=members)
     if prec.channels_last:
         classifier = classifier.to(memory_format=torch.channels_last)
     decoded = decoded_cache_plan(splits, choice.data_config)
@@ -329,6 +330,14 @@ def _build(choice: Choice, splits: DatasetSplits, balance: BalancePlan, device: 
         decoded_cache=decoded["on"],
     )
     return classifier, datamodule, decoded
+
+
+def _member(name: str, r: Recipe, data_config: dict[str, Any]) -> Member:
+    """One more frozen backbone of an ensemble, reading the input normalised for the first one."""
+    backbone = create_backbone(name, pretrained=r.pretrained, num_classes=0)
+    own = timm.data.resolve_model_data_config(backbone)
+    return Member(backbone, name, r.head_stages if r.head == "multistage" else 0, own["mean"], own["std"],
+                  data_config["mean"], data_config["std"])
 
 
 def decoded_cache_plan(splits: DatasetSplits, data_config: dict[str, Any]) -> dict[str, Any]:
@@ -418,7 +427,9 @@ def _train(classifier: Classifier, datamodule: ImageFolderDataModule, r: Recipe,
                                               phases=phases, name=run_dir.name) \
         if r.caches_frozen_part else (None, None)
     try:
-        with frozen_cache.skipping(classifier, cache.owners) if cache else contextlib.nullcontext():
+        with contextlib.ExitStack() as skipping:
+            for model in (classifier, *([module.ema.module] if module.ema else [])) if cache else ():
+                skipping.enter_context(frozen_cache.skipping(model, cache.owners))
             outcome: Outcome = train_epochs(
                 module, frozen_cache.CachedDataModule(datamodule, cache) if cache else datamodule, r, device=device,
                 precision=prec, run_dir=run_dir, epochs=epochs, probed=probe is not None, progress=progress,

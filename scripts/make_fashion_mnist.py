@@ -48,6 +48,7 @@ class Request:
     test_per_class: int
     seed: int
     format: str
+    test_skip: int = 0  # per class, the first draws of the test set left out (what a smaller draw took)
 
     def counts(self) -> dict[str, int]:
         n = len(CLASS_NAMES)
@@ -56,7 +57,7 @@ class Request:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    request = Request(args.per_class, args.val_per_class, args.test_per_class, args.seed, args.format)
+    request = Request(args.per_class, args.val_per_class, args.test_per_class, args.seed, args.format, args.test_skip)
     out: Path = args.out
     if _is_up_to_date(out, request):
         print(f"{out}: already holds Fashion-MNIST with these settings ({_summary(request)}); nothing to do")
@@ -76,6 +77,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--val-per-class", type=_count, default=100, help="val images per class")
     parser.add_argument(
         "--test-per-class", type=_count, default=0, help="test images per class (0: no test/)"
+    )
+    parser.add_argument(
+        "--test-skip", type=_count, default=0,
+        help="leave out the test images that --test-per-class N (per class, same seed) draws: held-out images "
+        "other than those of a folder made with N",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the stratified draw")
     parser.add_argument("--format", choices=("png", "jpg"), default="png", help="image file format")
@@ -205,7 +211,7 @@ def _write_folder(out: Path, source: Path, request: Request) -> None:
         _write_images(out / "val" / CLASS_NAMES[label], images, val, request.format)
     if request.test_per_class:
         images, labels = _load(source, "test")
-        for label, (test,) in enumerate(_draw(labels, [request.test_per_class], rng)):
+        for label, (_, test) in enumerate(_draw(labels, [request.test_skip, request.test_per_class], rng)):
             _write_images(out / "test" / CLASS_NAMES[label], images, test, request.format)
     manifest = {"dataset": "fashion-mnist", "source": str(source), "request": asdict(request)}
     # Written last: an interrupted run leaves no manifest, so the next run starts over.

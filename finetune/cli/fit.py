@@ -41,6 +41,9 @@ def add_fit(sub: argparse._SubParsersAction) -> None:
                    help="how close the images are to ImageNet photos, for --recipe auto; auto (default) measures "
                         "it from the backbone's BatchNorm statistics (see `finetune inspect`)")
     p.add_argument("--model", help="timm backbone name (default: the recipe's, tf_efficientnet_lite0)")
+    p.add_argument("--ensemble", metavar="BACKBONE,BACKBONE,...",
+                   help="several frozen backbones side by side, their features concatenated under one head: "
+                        "the first is --model, the others the recipe field ensemble (frozen-backbone recipes)")
     p.add_argument("--weights", help="local pretrained weights (.safetensors, or .pth loaded with weights_only)")
     p.add_argument("--no-pretrained", dest="pretrained", action="store_false", default=None,
                    help="start from random weights (no transfer)")
@@ -103,6 +106,15 @@ def check_fit(args: argparse.Namespace) -> dict[str, str]:
     if args.data is None:
         raise UsageError("finetune fit: give the image folder DIR (or --resume RUN to continue a run)")
     overrides = parse_set(args.set)
+    if args.ensemble is not None:
+        names = [name.strip() for name in args.ensemble.split(",")]
+        if len(names) < 2 or not all(names):
+            raise UsageError(f"--ensemble {args.ensemble}: give two or more backbone names separated by commas, "
+                             "e.g. --ensemble tf_efficientnet_lite0,mobilenetv2_100")
+        if args.model is not None or "ensemble" in overrides:
+            raise UsageError("--ensemble names every backbone, the first being the model: drop --model and "
+                             "--set ensemble=...")
+        args.model, overrides["ensemble"] = names[0], ",".join(names[1:])
     check_fit_arguments(
         data_dir=args.data, recipe=args.recipe, overrides=overrides, model=args.model, pretrained=args.pretrained,
         val_fraction=args.val_fraction, seed=args.seed, num_workers=args.workers, epochs=args.epochs,
@@ -182,6 +194,11 @@ def print_fit_result(result: Any) -> None:
     timings = s.get("timings", {})
     out.print(f"time: {timings.get('total_s', 0):.0f} s, {_number(s.get('train_images_per_s'), '.1f')} "
               f"training images/s, {s.get('skipped_files', 0)} skipped file(s)", highlight=False)
+    if s.get("inference"):
+        views, backbones = s["inference"]["views"], s["inference"]["backbones"]
+        out.print(f"each prediction: {' + '.join(views)} through {' + '.join(backbones)} "
+                  f"({s['inference']['backbone_passes_per_image']} backbone pass(es) per image)", markup=False,
+                  highlight=False)
     out.print(f"run folder: {result.run_dir}", markup=False, highlight=False)
     out.print(headline(result), highlight=False)
 

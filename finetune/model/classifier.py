@@ -6,6 +6,7 @@ stage, then the classifier. "The top two stages" therefore means the same thing 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import timm
@@ -37,12 +38,65 @@ class MultiStageHead(nn.Module):
         return self.fc(self.drop(self.norm(torch.cat(pooled, dim=1))))
 
 
+HEAD_KINDS = ("linear", "multistage")
+
+
+def pooled_features(backbone: nn.Module, x: torch.Tensor, stages: Sequence[int]) -> list[torch.Tensor]:
+    """Globally pooled outputs of ``stages`` (feature-stage indices) and the final pooled features, in float32."""
+    if not stages:
+        return [backbone.forward_head(backbone.forward_features(x), pre_logits=True).float()]
+    final, intermediates = backbone.forward_intermediates(x, indices=list(stages))
+    pooled = [f.float().mean(dim=(2, 3)) for f in intermediates]
+    pooled.append(backbone.forward_head(final, pre_logits=True).float())
+    return pooled
+
+
+def stage_channels(backbone: nn.Module, stages: Sequence[int]) -> list[int]:
+    return [backbone.feature_info[i]["num_chs"] for i in stages] + [backbone.num_features]
+
+
+def _top_stages(backbone: nn.Module, count: int) -> list[int]:
+    n_levels = len(backbone.feature_info)
+    if not 1 <= count <= n_levels:
+        raise head_stages_error(count, type(backbone).__name__, n_levels)
+    return list(range(n_levels - count, n_levels))
+
+
+class Member(nn.Module):
+    """One more frozen backbone of an ensemble (``fit --ensemble``). It reads the ensemble's input, which is
+    normalised with the first backbone's mean and std, re-normalised to its own (``x * scale + shift``, per
+    channel), at the same side, and gives the same pooled features as the first: its top ``head_stages``
+    stages and its final features (``head_stages`` 0: the final ones only)."""
+
+    def __init__(self, backbone: nn.Module, name: str, head_stages: int, mean: Sequence[float],
+                 std: Sequence[float], input_mean: Sequence[float], input_std: Sequence[float]) -> None:
+        super().__init__()
+        backbone.reset_classifier(0)
+        self.backbone, self.name = backbone, name
+        self.mean, self.std = [float(v) for v in mean], [float(v) for v in std]
+        self.stages = _top_stages(backbone, head_stages) if head_stages else []
+        self.channels = stage_channels(backbone, self.stages)
+        scale = torch.tensor([a / b for a, b in zip(input_std, std, strict=True)])
+        shift = torch.tensor([(a - m) / b for a, m, b in zip(input_mean, mean, std, strict=True)])
+        self.register_buffer("scale", scale.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", shift.view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return pooled_features(self.backbone, x * self.scale.to(x.dtype) + self.shift.to(x.dtype), self.stages)
+
+    def to_config(self) -> dict:
+        return {"architecture": self.name, "head_stages": len(self.stages), "mean": self.mean, "std": self.std,
+                "num_features": self.backbone.num_features}
+
+
 class Classifier(nn.Module):
     """``backbone`` is a timm model. With ``head="linear"`` its own classifier is the head (plain timm can
     load the weights); with ``head="multistage"`` timm's classifier is removed and a MultiStageHead reads
     the last ``head_stages`` feature stages plus the final pooled features. With ``test_flip`` the model in
     eval mode returns the mean of the logits of each image and of its mirror image (the export does too);
-    training batches are never mirrored here (that is the augmentation's job)."""
+    training batches are never mirrored here (that is the augmentation's job). ``members``: more frozen
+    backbones (an ensemble); the head is then always a MultiStageHead on the features of all of them (the final
+    features of each with ``head="linear"``, its top stages too with ``"multistage"``)."""
 
     def __init__(
         self,
@@ -52,6 +106,7 @@ class Classifier(nn.Module):
         head_stages: int = 3,
         head_dropout: float = 0.0,
         test_flip: bool = False,
+        members: Sequence[Member] = (),
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -60,7 +115,15 @@ class Classifier(nn.Module):
         self.head_kind = head
         self.num_classes = num_classes
         self.test_flip = test_flip
-        if head == "linear":
+        self.members = nn.ModuleList(members)
+        if members:
+            if head not in HEAD_KINDS:
+                raise ValueError(f"head must be 'linear' or 'multistage', got {head!r}")
+            self.head_stages = _top_stages(backbone, head_stages) if head == "multistage" else []
+            backbone.reset_classifier(0)
+            channels = stage_channels(backbone, self.head_stages) + [c for m in members for c in m.channels]
+            self.multistage = MultiStageHead(channels, num_classes, head_dropout)
+        elif head == "linear":
             self.head_stages: list[int] = []
             if backbone.num_classes != num_classes or _needs_reset(backbone):
                 backbone.reset_classifier(num_classes)
@@ -68,13 +131,9 @@ class Classifier(nn.Module):
                 backbone.drop_rate = head_dropout  # timm applies drop_rate before its classifier
             self.multistage = None
         elif head == "multistage":
-            n_levels = len(backbone.feature_info)
-            if not 1 <= head_stages <= n_levels:
-                raise head_stages_error(head_stages, type(backbone).__name__, n_levels)
-            self.head_stages = list(range(n_levels - head_stages, n_levels))
+            self.head_stages = _top_stages(backbone, head_stages)
             backbone.reset_classifier(0)
-            channels = [backbone.feature_info[i]["num_chs"] for i in self.head_stages] + [backbone.num_features]
-            self.multistage = MultiStageHead(channels, num_classes, head_dropout)
+            self.multistage = MultiStageHead(stage_channels(backbone, self.head_stages), num_classes, head_dropout)
         else:
             raise ValueError(f"head must be 'linear' or 'multistage', got {head!r}")
 
@@ -87,19 +146,17 @@ class Classifier(nn.Module):
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.multistage is None:
             return self.backbone(x)
-        return self.multistage(self._pooled_stages(x))
+        return self.multistage(self._pooled(x))
 
-    def _pooled_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
-        final, intermediates = self.backbone.forward_intermediates(x, indices=self.head_stages)
-        pooled = [f.float().mean(dim=(2, 3)) for f in intermediates]
-        pooled.append(self.backbone.forward_head(final, pre_logits=True).float())
-        return pooled
+    def _pooled(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """What the multi-stage head reads: this backbone's pooled features, then each ensemble member's."""
+        return pooled_features(self.backbone, x, self.head_stages) + [f for m in self.members for f in m(x)]
 
     def head_features(self, x: torch.Tensor) -> torch.Tensor:
         """The vector the head reads: what a frozen backbone computes once and caches."""
         if self.multistage is None:
             return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
-        return torch.cat(self._pooled_stages(x), dim=1)
+        return torch.cat(self._pooled(x), dim=1)
 
     def head_logits(self, features: torch.Tensor) -> torch.Tensor:
         """The head alone, on cached ``head_features``."""

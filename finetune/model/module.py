@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from timm.utils.model_ema import ModelEmaV3
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
@@ -64,11 +65,34 @@ class TransferModule(pl.LightningModule):
         self.group_specs: list[GroupSpec] = []
         self.collect_outputs = False  # when set, evaluation steps keep (logits, labels) for calibration
         self.outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # The moving average of the weights, scored beside them on every validation batch ("val_ema/").
+        self.ema = new_ema(classifier, recipe.ema_decay) if recipe.uses_ema else None
+        self.ema_metrics = make_metrics(classifier.num_classes).clone(prefix="val_ema/") if self.ema else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self._layout(x))
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last and x.ndim == 4:  # images, or a cached frozen part's activations
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.classifier(x)
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def keep_ema_weights(self) -> None:
+        """Make the moving average the model's weights (what the checkpoint, the export and the scores use)."""
+        self.classifier.load_state_dict(self.ema.module.state_dict())
+
+    def train(self, mode: bool = True) -> TransferModule:
+        super().train(mode)
+        if self.ema is not None:
+            self.ema.module.eval()  # only ever evaluated
+        return self
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # here rather than in on_train_batch_end, which runs after the callbacks': a checkpoint written by one
+        # of them after this step must hold the average that includes it, or a resumed run would differ
+        if self.ema is not None:  # global_step counts this step only after this hook: the first update is step 1
+            self.ema.update(self.classifier, step=self.global_step + 1)
 
     def _step(self, batch, metrics: MetricCollection, stage: str):
         images, labels, skipped = batch
@@ -76,6 +100,12 @@ class TransferModule(pl.LightningModule):
         if images.shape[0] == 0:  # every image of this batch failed to decode
             return None
         logits = self(images)
+        if stage == "val" and self.ema is not None and not self.collect_outputs:
+            ema_logits = self.ema.module(self._layout(images)).float()
+            self.ema_metrics.update(ema_logits, labels)
+            self.log("val_ema/loss", F.cross_entropy(ema_logits, labels), on_step=False, on_epoch=True,
+                     batch_size=len(labels), sync_dist=True)
+            self.log_dict(self.ema_metrics, on_step=False, on_epoch=True)
         if self.collect_outputs and stage != "train":
             self.outputs.append((logits.detach().float().cpu(), labels.cpu()))
         weight = self.class_weights.float() if self.class_weights is not None and stage == "train" else None
@@ -86,6 +116,13 @@ class TransferModule(pl.LightningModule):
                  sync_dist=True)  # the mean over ranks (a no-op in one process)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val")
         return loss
+
+    def on_validation_epoch_end(self) -> None:
+        """With a moving average: ``val/kept_acc``, the better of the raw and the averaged weights' accuracy,
+        which selects the best epoch."""
+        if self.ema is not None and not self.collect_outputs:
+            kept = torch.maximum(self.val_metrics["acc"].compute(), self.ema_metrics["acc"].compute())
+            self.log("val/kept_acc", kept)
 
     def training_step(self, batch, batch_idx):
         return self._step(batch, self.train_metrics, "train")
@@ -131,6 +168,17 @@ class TransferModule(pl.LightningModule):
         total = sum(p.numel() for p in self.classifier.parameters())
         trainable = sum(p.numel() for p in self.classifier.parameters() if p.requires_grad)
         return {"total": total, "trainable": trainable}
+
+
+EMA_WARMUP_POWER = 3 / 4  # timm's choice for runs of up to some 100k steps: decay 0.99 at ~460 steps
+
+
+def new_ema(classifier: Classifier, decay: float) -> ModelEmaV3:
+    """timm's ModelEmaV3 of ``classifier``, its decay ramped up as ``1 - (1 + step)^-3/4`` to at most ``decay``
+    (the first update copies the weights), kept in float32 and out of every optimiser and gradient."""
+    ema = ModelEmaV3(classifier, decay=decay, use_warmup=True, warmup_power=EMA_WARMUP_POWER)
+    ema.module.requires_grad_(False)
+    return ema
 
 
 class _GroupSchedule:

@@ -10,6 +10,7 @@ import math
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -34,6 +35,7 @@ from .resume import ResumePoint, SaveAndStop
 log = logging.getLogger("finetune")
 
 MONITOR = "val/acc"
+EMA_MONITOR = "val/kept_acc"  # with a moving average of the weights: the better of it and the raw weights
 # Lightning warnings that say what this phase does on purpose
 _EXPECTED_WARNINGS = (".*does not have many workers.*", ".*Checkpoint directory.*exists and is not empty.*",
                       ".*Experiment logs directory.*",  # ours: it already holds recipe.toml and split.json
@@ -51,12 +53,13 @@ def train_epochs(module: TransferModule, datamodule: ImageFolderDataModule, reci
     from that checkpoint of this run."""
     ranks = ranks or Ranks()
     timer = Timer()
-    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=MONITOR, mode="max",
+    monitor = EMA_MONITOR if module.ema is not None else MONITOR
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=monitor, mode="max",
                                  enable_version_counter=False)  # last.ckpt: SaveAndStop, after every epoch
     staged = StagedFinetuning(0 if probed else recipe.freeze_epochs, recipe.unfreeze_stages)
     callbacks: list[pl.Callback] = [staged, checkpoint, timer, SaveAndStop(run_dir, ranks, checkpoint_every)]
     if recipe.early_stopping:
-        callbacks.append(EarlyStopping(MONITOR, mode="max", patience=recipe.early_stopping))
+        callbacks.append(EarlyStopping(monitor, mode="max", patience=recipe.early_stopping))
     if progress and ranks.main:
         callbacks.append(RichProgressBar(leave=True))
     sync_bn = ranks.distributed and recipe.sync_batchnorm and recipe.trains_backbone
@@ -81,29 +84,47 @@ def train_epochs(module: TransferModule, datamodule: ImageFolderDataModule, reci
         processes = {"strategy": type(trainer.strategy).__name__, "global_batch": recipe.batch_size * ranks.world,
                      "final_weights_sha256": ranks.gather(_digest(module))}
         _load_best(module, checkpoint, ranks)
+        rows = runs.read_epoch_metrics(run_dir / "metrics.csv") if ranks.main else []
+        best = _best_epoch(rows, monitor)
+        ema = _keep_ema_or_raw(module, rows, best, ranks) if module.ema is not None else None
         module.collect_outputs, module.outputs = True, []
         val = _strip(trainer.validate(module, datamodule=datamodule, verbose=False)[0], "val/")
         logits, labels = (torch.cat([o[i] for o in module.outputs]) for i in (0, 1))
         module.collect_outputs = False
         test = _strip(trainer.test(module, datamodule=datamodule, verbose=False)[0], "test/") \
             if datamodule.has_test else {}
-    rows = runs.read_epoch_metrics(run_dir / "metrics.csv") if ranks.main else []
     if ranks.main:
         plot_curves(rows, run_dir / "curves.png")
     train_s = timer.time_elapsed("train")
     images = _trained_images(len(datamodule.splits.train), trainer.current_epoch, limit_batches, recipe.batch_size)
-    best = _best_epoch(rows)
     if not progress:
         log.info("%d epoch(s) in %.1f s; best epoch %s, val acc %.4f", trainer.current_epoch, train_s,
                  "n/a" if best is None else best + 1, val.get("acc", math.nan))
     return Outcome(
         training=("LP-FT: probed head, then " if probed else "") + f"{trainer.current_epoch} epoch(s) with Lightning",
         selection=f"epoch {'n/a' if best is None else best + 1} of {trainer.current_epoch}, best on validation "
-                  "accuracy",
+                  "accuracy" + (f", {ema['sentence']}" if ema else ""),
         val=val, test=test, val_logits=logits, val_labels=labels, epochs_run=trainer.current_epoch,
         best_epoch=best, timings={"train_s": train_s, "validate_s": timer.time_elapsed("validate")},
         train_images_per_s=images / train_s if train_s else math.nan, skipped=set(module.skipped_files),
-        processes=processes)
+        processes=processes, ema=ema)
+
+
+def _keep_ema_or_raw(module: TransferModule, rows: list[dict[str, float]], best: int | None,
+                     ranks: Ranks) -> dict[str, Any]:
+    """At the best epoch, the moving average's validation accuracy against the raw weights' (read on rank 0,
+    sent to all); the better one becomes the model's weights (ties keep the raw ones)."""
+    row = next((r for r in rows if r.get("epoch") == best and EMA_MONITOR in r), None) if ranks.main else None
+    scores = ranks.broadcast(None if row is None else (row[MONITOR], row["val_ema/acc"]))
+    if scores is None:
+        return {"kept": "raw", "sentence": "raw weights kept (no moving-average score)"}
+    raw, averaged = scores
+    kept = "ema" if averaged > raw else "raw"
+    if kept == "ema":
+        module.keep_ema_weights()
+    name = {"ema": "moving-average (EMA) weights", "raw": "raw weights"}[kept]
+    return {"kept": kept, "decay": module.recipe.ema_decay, "val_acc_raw": raw, "val_acc_ema": averaged,
+            "sentence": f"{name} kept (val acc {max(raw, averaged):.4f}; raw {raw:.4f}, EMA {averaged:.4f})"}
 
 
 def _loggers(run_dir: Path) -> list[Logger]:
@@ -146,9 +167,9 @@ def _strip(metrics: Mapping[str, float], prefix: str) -> dict[str, float]:
     return {k.removeprefix(prefix): float(v) for k, v in metrics.items() if k.startswith(prefix)}
 
 
-def _best_epoch(rows: list[dict[str, float]]) -> int | None:
-    scored = [r for r in rows if MONITOR in r]
-    return int(max(scored, key=lambda r: r[MONITOR])["epoch"]) if scored else None
+def _best_epoch(rows: list[dict[str, float]], monitor: str = MONITOR) -> int | None:
+    scored = [r for r in rows if monitor in r]
+    return int(max(scored, key=lambda r: r[monitor])["epoch"]) if scored else None
 
 
 def _trained_images(n_train: int, epochs: int, limit: int | float | None, batch_size: int) -> int:

@@ -28,3 +28,5 @@ class Outcome:
     processes: dict[str, Any] = field(default_factory=dict)
     # the frozen-part cache of the epochs (phases/frozen_cache.py): used or why not, views, bytes, fill time
     frozen_cache: dict[str, Any] | None = None
+    # the weights' moving average (recipe ema_decay): which of it and the raw weights was kept, and their scores
+    ema: dict[str, Any] | None = None

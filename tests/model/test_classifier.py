@@ -110,3 +110,22 @@ def test_param_groups_give_pretrained_layers_a_lower_rate(name):
         assert rates[-1] < rates[0]
     no_decay = [p for g in groups if g.weight_decay == 0 for p in g.params]
     assert no_decay and all(p.ndim <= 1 for p in no_decay)
+
+
+@pytest.mark.parametrize("head", ["linear", "multistage"])
+def test_the_test_time_flip_is_the_mean_of_the_two_views_computed_apart(head):
+    """On an image that is not mirror-symmetric (a left-to-right ramp and a block on the left), the model with
+    test_flip returns the mean of its logits on the image and on the mirror image, each computed on its own."""
+    ramp = torch.linspace(-2, 2, 64).expand(1, 3, 64, 64).clone()
+    ramp[..., 20:40, 4:20] = 2.5
+    ramp = torch.cat([ramp, ramp.roll(8, dims=-2)])  # two images: BatchNorm1d in training needs a batch
+    assert not torch.equal(ramp, ramp.flip(-1))
+    plain = make(head=head, head_stages=2).eval()
+    flipping = make(head=head, head_stages=2, test_flip=True).eval()
+    flipping.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        image, mirror = plain(ramp), plain(ramp.flip(-1))
+        assert not torch.allclose(image, mirror, atol=1e-4)  # the views disagree, so the mean is not either one
+        torch.testing.assert_close(flipping(ramp), (image + mirror) / 2, rtol=1e-5, atol=1e-6)
+        flipping.train()
+        torch.testing.assert_close(flipping(ramp), plain.train()(ramp))  # training batches are never mirrored

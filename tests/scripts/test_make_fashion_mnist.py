@@ -100,6 +100,18 @@ def test_seed_changes_the_draw(script: ModuleType, fake_source: Path, tmp_path: 
     assert names[0] == names[1] != names[2]
 
 
+def test_test_skip_draws_other_held_out_images(script: ModuleType, fake_source: Path, tmp_path: Path) -> None:
+    def test_files(name: str, *extra: str) -> set[Path]:
+        out = tmp_path / name
+        run(script, out, fake_source, "--per-class", "1", "--val-per-class", "1", *extra)
+        return {p.relative_to(out / "test") for p in files(out / "test")}
+
+    demo, other = test_files("demo", "--test-per-class", "1"), test_files("other", "--test-per-class", "2",
+                                                                         "--test-skip", "1")
+    assert len(demo) == 10 and len(other) == 20 and not demo & other
+    assert demo | other == test_files("all", "--test-per-class", "3")  # the same draw, split where asked
+
+
 def test_prints_one_summary_line(
     script: ModuleType, fake_source: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
