@@ -35,6 +35,7 @@ SCRIPTS = Path(__file__).resolve().parent
 VARIANTS = {
     "before": ["--set", "crop=center", "--set", "flip_views=false", "--set", "test_flip=false"],
     "whole": ["--set", "flip_views=false", "--set", "test_flip=false"],
+    "whole-test-flip": ["--set", "flip_views=false"],
     "defaults": [],
     "ensemble-mnv2": ["--ensemble", "tf_efficientnet_lite0,mobilenetv2_100"],
     "lite2": ["--model", "tf_efficientnet_lite2"],

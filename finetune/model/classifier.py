@@ -138,9 +138,9 @@ class Classifier(nn.Module):
             raise ValueError(f"head must be 'linear' or 'multistage', got {head!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.test_flip and not self.training:  # one batch of twice the size: the image, then its mirror
-            both = self._logits(torch.cat([x, x.flip(-1)]))
-            return (both[: x.shape[0]] + both[x.shape[0]:]) / 2
+        if self.test_flip and not self.training:  # the image, then its mirror: two passes, so that an exported
+            # graph computes no shapes at run time (slicing one batch of twice the size would)
+            return (self._logits(x) + self._logits(x.flip(-1))) / 2
         return self._logits(x)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
