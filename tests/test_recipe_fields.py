@@ -22,7 +22,7 @@ CHANGED = {"model": "test_resnet", "pretrained": True, "unfreeze_stages": 1, "he
 # fields it hides, each set far from its value: together they must leave the model as it was
 HIDDEN = {"epochs": 3, "batch_size": 5, "lr": 0.5, "weight_decay": 0.3, "label_smoothing": 0.3, "head_dropout": 0.5,
           "scale_min": 0.1, "color_jitter": 0.9, "drop_path": 0.3, "head_stages": 1, "optimizer": "sgd",
-          "frozen_cache_views": 3, "ema_decay": 0.5}
+          "frozen_cache_views": 3, "ema_decay": 0.5, "divergence_factor": 0.0, "gradient_clip": 5.0}
 
 
 @pytest.fixture(scope="module")

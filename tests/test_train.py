@@ -180,7 +180,8 @@ def test_unreadable_files_are_skipped_named_and_counted(tiny_folder, tmp_path):
 
 def test_lp_ft_keeps_the_probed_model_when_no_fine_tuned_epoch_beats_it(tiny_folder, tmp_path):
     # a learning rate that wrecks the network in its first steps: the probed head must win and be kept
-    result = _fit(tiny_folder, "large-similar", tmp_path, overrides_extra={"lr": 1.0, "backbone_lr_scale": 1.0})
+    result = _fit(tiny_folder, "large-similar", tmp_path, overrides_extra={"lr": 1.0, "backbone_lr_scale": 1.0,
+                                                                                "divergence_factor": 0})
     summary = result.summary
     assert summary["probe"] is not None and "was kept" in summary["training"]
     probe_acc = max(row["val_acc"] for row in summary["probe"]["sweep"])

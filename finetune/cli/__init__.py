@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FinetuneError, FileExistsError, FileNotFoundError, argparse.ArgumentTypeError) as e:
         # soft_wrap: one line whatever the terminal's width, so that it can be grepped and quoted
         console.print("[bold red]error:[/]", escape(str(e)), highlight=False, soft_wrap=True)
-        return 2
+        return getattr(e, "exit_status", 2)  # 3: training diverged (model/guard.py)
     except Interrupted as e:
         console.print(escape(str(e)), highlight=False, soft_wrap=True)
         return 128 + e.signum  # the shell's code for "ended by this signal"

@@ -25,6 +25,7 @@ from ..distributed import Ranks
 from ..model.batchnorm import SyncBatchNorm
 from ..model.depthwise import small_map_backward
 from ..model.freezing import StagedFinetuning
+from ..model.guard import DivergenceGuard, TrainingSignals
 from ..model.module import TransferModule
 from ..plots import plot_curves
 from ..recipes import Recipe
@@ -57,7 +58,10 @@ def train_epochs(module: TransferModule, datamodule: ImageFolderDataModule, reci
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=monitor, mode="max",
                                  enable_version_counter=False)  # last.ckpt: SaveAndStop, after every epoch
     staged = StagedFinetuning(0 if probed else recipe.freeze_epochs, recipe.unfreeze_stages)
-    callbacks: list[pl.Callback] = [staged, checkpoint, timer, SaveAndStop(run_dir, ranks, checkpoint_every)]
+    # the guard first: when it stops the run, no later callback saves the diverged steps
+    callbacks: list[pl.Callback] = [DivergenceGuard(module.classifier.num_classes, recipe.divergence_factor),
+                                    TrainingSignals(), staged, checkpoint, timer,
+                                    SaveAndStop(run_dir, ranks, checkpoint_every)]
     if recipe.early_stopping:
         callbacks.append(EarlyStopping(monitor, mode="max", patience=recipe.early_stopping))
     if progress and ranks.main:
@@ -71,6 +75,7 @@ def train_epochs(module: TransferModule, datamodule: ImageFolderDataModule, reci
         precision=precision.lightning, logger=_loggers(run_dir),
         callbacks=callbacks, enable_progress_bar=progress and ranks.main, enable_model_summary=False,
         num_sanity_val_steps=0, log_every_n_steps=5, limit_train_batches=limit_batches,
+        gradient_clip_val=recipe.gradient_clip or None,
         limit_val_batches=limit_batches,
     )
     if resume is not None:

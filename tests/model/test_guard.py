@@ -1,0 +1,71 @@
+"""The divergence guard, the gradient norm and the update-to-weight ratios (model/guard.py)."""
+
+import math
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from finetune.model.guard import WINDOW, Diverged, DivergenceGuard
+from finetune.runs import read_epoch_metrics
+
+
+def feed(guard, losses, module=None):
+    module = module or torch.nn.Linear(2, 2)
+    for step, loss in enumerate(losses):
+        guard.on_train_batch_end(SimpleNamespace(global_step=step), module, {"loss": torch.tensor(loss)}, None, step)
+
+
+def test_it_fires_when_the_smoothed_loss_passes_three_times_the_first_steps():
+    with pytest.raises(Diverged, match="over 3 x 2.3"):
+        feed(DivergenceGuard(num_classes=10), [2.3] * WINDOW + [2.3 * 4] * 10)
+    with pytest.raises(Diverged, match="at step [1-4]:"):  # exploding within the first steps
+        feed(DivergenceGuard(num_classes=10), [2.3, 20.0, 80.0, 300.0])
+    feed(DivergenceGuard(num_classes=10), [2.3] * WINDOW + [2.3 * 2.5] * 50)  # high, but not 3x: goes on
+
+
+def test_it_fires_at_once_on_nan_and_never_below_ln_c():
+    with pytest.raises(Diverged, match="is nan"):
+        feed(DivergenceGuard(num_classes=10), [2.3, float("nan")])
+    # the first steps' loss is tiny (a probed head), but 3x ln(10) is the lowest it ever fires at
+    feed(DivergenceGuard(num_classes=10), [0.05] * WINDOW + [3 * math.log(10) * 0.95] * 50)
+    with pytest.raises(Diverged):
+        feed(DivergenceGuard(num_classes=10), [0.05] * WINDOW + [3 * math.log(10) * 1.2] * 50)
+    feed(DivergenceGuard(num_classes=10, factor=0), [2.3, float("nan"), 1e9])  # 0: off
+
+
+def test_a_new_phase_takes_a_new_reference():
+    guard, module = DivergenceGuard(num_classes=2), torch.nn.Linear(2, 2)
+    feed(guard, [5.0] * WINDOW, module)
+    module.bias.requires_grad_(False)  # other parameters train: a new phase, whose first steps set the reference
+    feed(guard, [1.0] * WINDOW + [2.5] * 20, module)  # under 3 x ln(2) ... and under 3 x 1.0
+    with pytest.raises(Diverged):
+        feed(guard, [4.0] * 20, module)
+
+
+def test_fit_stops_with_status_3_and_keeps_the_last_good_checkpoint(tmp_path, image_folder):
+    folder = image_folder(tmp_path / "data", per_class=12, split=True)
+    train = sorted((folder / "train").glob("*/*"))
+    classes = sorted(p.name for p in (folder / "train").iterdir())
+    for i, path in enumerate(train):  # labels unrelated to the colour: nothing to learn, so lr=1.0 blows up
+        path.rename(folder / "train" / classes[i % len(classes)] / f"s{i}{path.suffix}")
+    run = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "finetune", "fit", str(folder), "--recipe", "large-different",
+                           "--model", "test_efficientnet", "--no-pretrained", "--batch-size", "4", "--workers", "0",
+                           "--set", "lr=1.0", "--set", "cached_features=false", "--set", "warmup_epochs=0",
+                           "--set", "freeze_epochs=0", "--out", str(run), "--no-progress"],
+                          capture_output=True, text=True, timeout=600, env={"COLUMNS": "400", **_env()})
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "training diverged at step" in done.stderr and "--set lr=" in done.stderr
+    assert not [r for r in read_epoch_metrics(run / "metrics.csv") if "val/acc" in r]  # within the first epoch
+    assert (run / "checkpoints" / "best.ckpt").is_file() and not (run / "summary.json").exists()
+    state = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+
+
+def _env():
+    import os
+
+    return dict(os.environ)
