@@ -21,7 +21,7 @@ from finetune.cli.fit import headline, print_fit_result, selection
 from finetune.errors import RecipeError, UsageError
 from finetune.predict_output import WRITERS
 
-COMMANDS = ("fit", "inspect", "recipes", "models", "doctor", "export", "predict", "evaluate", "cache")
+COMMANDS = ("fit", "inspect", "recipes", "models", "doctor", "check", "export", "predict", "evaluate", "cache")
 
 
 def _subparsers() -> dict:
@@ -49,6 +49,12 @@ def folder(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize(("argv", "fragments"), [
+    (["check", "{data}/nowhere"], ["nowhere"]),
+    (["fit", "{data}", "--ensemble", "tf_efficientnet_lite0"], ["--ensemble", "two or more"]),
+    (["fit", "{data}", "--ensemble", "a,b", "--model", "c"], ["--ensemble", "drop --model"]),
+    (["fit", "{data}", "--ensemble", "tf_efficientnet_lite0,mobilenetv2_100", "--recipe", "large-different"],
+     ["ensemble combines frozen backbones"]),
+    (["check", "{data}", "--set", "lr=-1"], ["lr=-1"]),
     (["fit", "{data}", "--val-fraction", "1.5"], ["--val-fraction 1.5", "between 0 and 1"]),
     (["fit", "{data}", "--val-fraction", "nan"], ["--val-fraction nan", "finite"]),
     (["fit", "{data}", "--seed", "-3"], ["--seed -3", "between 0 and"]),

@@ -1,6 +1,7 @@
 """A real two-process DDP fit on CPU processes (gloo), through the head warm-up and the unfreezing, against one
 process on the same global batch."""
 
+import csv
 import json
 import subprocess
 import sys
@@ -62,8 +63,9 @@ def test_two_ddp_processes_train_like_one_process_on_the_same_global_batch(tmp_p
                  "checkpoints/last.ckpt"):
         assert (run / name).is_file(), name
     assert not list(run.rglob("*.partial")) and not (tmp_path / "runs").exists()
-    validated = [line for line in (run / "metrics.csv").read_text().splitlines()[1:] if line.split(",")[-2]]
-    assert [line.split(",")[0] for line in validated] == ["0", "1", "2"]  # each epoch once, then the final score
+    with (run / "metrics.csv").open() as f:
+        validated = [row for row in csv.DictReader(f) if row.get("val/acc")]
+    assert [row["epoch"] for row in validated] == ["0", "1", "2"]  # each epoch once, then the final score
     assert ddp.stdout.count("run folder:") == one.stdout.count("run folder:") == 1
 
 

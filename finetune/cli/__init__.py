@@ -5,7 +5,7 @@ written, then makes one call of the Python API and prints the result. One room p
 one parser builder per command next to the command itself:
 
     fit.py        fit
-    data.py       inspect, doctor (commands on an image folder)
+    data.py       inspect, doctor, check (commands on an image folder)
     trained.py    export, predict, evaluate (commands on a trained model)
     listings.py   recipes, models
 
@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     listings.add_models(sub)
     data.add_inspect(sub)
     data.add_doctor(sub)
+    data.add_check(sub)
     trained.add_export(sub)
     trained.add_predict(sub)
     trained.add_evaluate(sub)

@@ -1,9 +1,11 @@
-"""`finetune inspect` and `finetune doctor`: the commands that look at an image folder without training."""
+"""`finetune inspect`, `finetune doctor` and `finetune check`: the commands that look at an image folder before
+training."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from rich.markup import escape
 from rich.table import Table
@@ -155,3 +157,52 @@ def _print_findings(report, max_rows: int) -> None:
     for kind, fix in dict.fromkeys((f.kind, f.fix) for f in report.findings):
         fixes.add_row(kind, escape(fix))
     out.print(fixes)
+
+
+def add_check(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check", help="sanity checks before a real fit: first loss, overfitting a tiny subset, "
+                                     "gradient flow, label signal, augmentations",
+                       description="Runs the checks of finetune/check.py for the recipe fit would use and prints a "
+                                   "pass/fail table. Exit status 0 when every check passes, 1 when one fails, "
+                                   "2 for a usage error.")
+    p.set_defaults(handler=cmd_check)
+    p.add_argument("data", metavar="DIR", help="image folder")
+    p.add_argument("--recipe", default="auto", help="auto (default: as fit would choose), a recipe name or file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override (repeatable)")
+    p.add_argument("--out", help="where the augmentation grid goes (default runs/<DIR name>-check)")
+    p.add_argument("--seed", type=int, default=0, help="random seed, 0 .. 2**32-1 (default 0)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .fit import parse_set
+
+    check.existing_dir("DIR", args.data, DATA_DIR)
+    check.seed("--seed", args.seed)
+    overrides = parse_set(args.set)
+    check.recipe_overrides("--set", args.recipe, overrides)
+    from .. import recipes
+    from ..check import run_checks, to_json
+    from . import out
+
+    if str(args.recipe) == "auto":
+        from ..recipe_choice import inspect_dataset
+
+        name = inspect_dataset(args.data, seed=args.seed).recipe
+    else:
+        name = args.recipe
+    recipe = recipes.get(name).override(overrides)
+    folder = Path(args.out) if args.out else Path("runs") / f"{Path(args.data).resolve().name}-check"
+    results = run_checks(args.data, recipe, out=folder, seed=args.seed)
+    if args.json:
+        out.print_json(json.dumps({"recipe": recipe.name, "passed": all(r.passed for r in results),
+                                   "checks": to_json(results)}))
+    else:
+        table = Table(title=escape(f"finetune check {args.data} ({recipe.name})"))
+        for column in ("check", "result", "measured", "diagnosis"):
+            table.add_column(column)
+        for r in results:
+            table.add_row(r.name, "[green]pass[/]" if r.passed else "[bold red]FAIL[/]", escape(r.measured),
+                          escape(r.diagnosis))
+        out.print(table)
+    return 0 if all(r.passed for r in results) else 1
