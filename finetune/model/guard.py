@@ -9,8 +9,8 @@ ratio of each parameter group (../shared/METHOD.md, "babysitting").
   diverged steps is written, so the run folder keeps the last good one.
 - ``train/grad_norm``: the global L2 norm of the gradients before clipping (``gradient_clip`` clips it), and
   ``update_ratio/<group>``: ||step of the group's weights|| / ||weights||, every ``log_every_n_steps`` steps, in
-  ``metrics.csv``. About 1e-3 is healthy; a group far from it (below ``LOW`` or above ``HIGH``) is named in one
-  warning, once per run.
+  ``metrics.csv``. About 1e-3 is healthy; a group far from it (below ``LOW`` or above ``HIGH``) while it trains
+  at half its peak rate or more (not in its warm-up, not late in the decay) is named in one warning per run.
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ class TrainingSignals(pl.Callback):
 
     def __init__(self) -> None:
         self.before: dict[str, list[torch.Tensor]] = {}
+        self.full_rate: set[str] = set()
         self.warned: set[str] = set()
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -91,6 +92,9 @@ class TrainingSignals(pl.Callback):
         if self._logs(trainer):
             self.before = {_name(g, i): [p.detach().clone() for p in g["params"]]
                            for i, g in enumerate(optimizer.param_groups) if g["lr"] > 0}
+            # warnings only at full rate: during warm-up and late in the decay a small ratio is expected
+            self.full_rate = {_name(g, i) for i, g in enumerate(optimizer.param_groups)
+                              if g["lr"] >= 0.5 * g.get("initial_lr", g["lr"])}
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -104,7 +108,7 @@ class TrainingSignals(pl.Callback):
             size = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(o.float()) for o in old]))
             ratio = float(step / size) if float(size) > 0 else 0.0
             pl_module.log(f"update_ratio/{name}", ratio, on_step=True, on_epoch=False, batch_size=1)
-            if ratio and not LOW <= ratio <= HIGH and name not in self.warned:
+            if ratio and not LOW <= ratio <= HIGH and name not in self.warned and name in self.full_rate:
                 self.warned.add(name)
                 log.warning("update-to-weight ratio of group %s is %.1e at step %d (healthy: about 1e-3, "
                             "between %g and %g): its learning rate is probably too %s", name, ratio,

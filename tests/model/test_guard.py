@@ -69,3 +69,33 @@ def _env():
     import os
 
     return dict(os.environ)
+
+
+def test_update_ratios_and_the_gradient_norm_are_logged_and_a_far_group_warned_once(caplog):
+    import pytorch_lightning as pl
+    import timm
+    from test_module import loader
+
+    from finetune import recipes
+    from finetune.model.classifier import Classifier
+    from finetune.model.guard import TrainingSignals
+    from finetune.model.module import TransferModule
+
+    recipe = recipes.get("large-different").override({"lr": 1.0, "warmup_epochs": 0, "ema_decay": 0.0})
+    torch.manual_seed(0)
+    module = TransferModule(Classifier(timm.create_model("test_efficientnet", num_classes=3), 3), recipe,
+                            probed=True)
+    logged = {}
+    module.log = lambda name, value, **kw: logged.setdefault(name, []).append(
+        float(value) if isinstance(value, (int, float, torch.Tensor)) else value)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=0, log_every_n_steps=2,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[TrainingSignals()])
+    with caplog.at_level("WARNING", logger="finetune"):
+        trainer.fit(module, loader())
+    assert len(logged["train/grad_norm"]) == 4 and all(v > 0 for v in logged["train/grad_norm"])
+    ratios = {k: v for k, v in logged.items() if k.startswith("update_ratio/")}
+    assert "update_ratio/head" in ratios and all(len(v) == 2 for v in ratios.values())  # steps 2 and 4
+    warned = [r.getMessage() for r in caplog.records if "update-to-weight ratio" in r.getMessage()]
+    assert warned and len(warned) == len({m.split(" is ")[0] for m in warned})  # once per group
+    assert all(ratios[f"update_ratio/{m.split('group ')[1].split(' ')[0]}"][0] > 1e-1 for m in warned)
