@@ -192,7 +192,10 @@ def read_epoch_metrics(metrics_csv: Path) -> list[dict[str, float]]:
                 continue
             entry = epochs.setdefault(int(float(row["epoch"])), {})
             for key, value in row.items():
-                if value not in ("", None) and (key.endswith("_epoch") or key.startswith(("val/", "val_ema/"))):
+                # epoch-level values: "_epoch" keys, and keys logged only per epoch (train/acc, val/..., val_ema/...)
+                epoch_level = key.endswith("_epoch") or (key.startswith(("train/", "val/", "val_ema/"))
+                                                         and not key.endswith("_step"))
+                if value not in ("", None) and epoch_level:
                     entry[key.removesuffix("_epoch")] = float(value)
     return [dict(epoch=e, **m) for e, m in sorted(epochs.items())]
 

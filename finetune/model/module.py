@@ -103,8 +103,8 @@ class TransferModule(pl.LightningModule):
         if stage == "val" and self.ema is not None and not self.collect_outputs:
             ema_logits = self.ema.module(self._layout(images)).float()
             self.ema_metrics.update(ema_logits, labels)
-            self.log("val_ema/loss", F.cross_entropy(ema_logits, labels), on_step=False, on_epoch=True,
-                     batch_size=len(labels), sync_dist=True)
+            ema_loss = F.cross_entropy(ema_logits, labels, label_smoothing=self.recipe.label_smoothing)  # as val/loss
+            self.log("val_ema/loss", ema_loss, on_step=False, on_epoch=True, batch_size=len(labels), sync_dist=True)
             self.log_dict(self.ema_metrics, on_step=False, on_epoch=True)
         if self.collect_outputs and stage != "train":
             self.outputs.append((logits.detach().float().cpu(), labels.cpu()))
