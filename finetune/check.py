@@ -69,7 +69,6 @@ def run_checks(data_dir: str | Path, recipe: Recipe, *, out: str | Path, seed: i
     data_config = timm.data.resolve_model_data_config(backbone)
     data_config = choose_resolution(recipe, splits, data_config["input_size"][-1], seed).data_config(data_config)
     classifier = Classifier(backbone, num_classes, head=recipe.head, head_stages=recipe.head_stages)
-    classifier.start_head_near_zero()  # as fit starts it
     unfrozen = recipe.unfreeze_stages if recipe.trains_backbone else 0
     rng = random.Random(seed)
     tiny = _balanced(splits.train, OVERFIT_IMAGES, rng)

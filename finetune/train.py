@@ -320,7 +320,6 @@ def _build(choice: Choice, splits: DatasetSplits, balance: BalancePlan, device: 
     members = [_member(name, r, choice.data_config) for name in r.ensemble_members]
     classifier = Classifier(backbone, len(splits.classes), head=r.head, head_stages=r.head_stages,
                             head_dropout=r.head_dropout, test_flip=r.test_flip, members=members)
-    classifier.start_head_near_zero()
     if prec.channels_last:
         classifier = classifier.to(memory_format=torch.channels_last)
     decoded = decoded_cache_plan(splits, choice.data_config)
