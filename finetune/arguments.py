@@ -153,6 +153,18 @@ def run_folder(name: str, value: Any) -> Path:
     return path
 
 
+def finished_run(name: str, value: Any) -> Path:
+    """A run folder whose ``finetune fit`` finished: it has summary.json (what ``finetune report`` reads)."""
+    what = "a run folder written by `finetune fit`"
+    path = existing_dir(name, value, what)
+    if not (path / "summary.json").is_file():
+        started = (path / "fit.json").is_file()
+        raise _fail(name, value, "has no summary.json: its fit did not finish" if started else
+                    "has no summary.json, so it is not a finished run folder",
+                    f"finish it with `finetune fit --resume {value}`" if started else f"give {what}")
+    return path
+
+
 def model_source(name: str, value: Any) -> Path:
     """What predict and evaluate load: a run or export folder (with its config.json) or an .onnx file."""
     what = "a run folder, an export folder or a .onnx file"
@@ -209,6 +221,22 @@ def recipe_overrides(name: str, value: Any, overrides: Mapping[str, Any], recipe
                             f"give a number, e.g. the recipe's {key}={getattr(candidate, key)!r}")
     if len(errors) == len(candidates):
         raise RecipeError(f"{name}: {errors[0]}") from None
+
+
+def auto_lr(overrides: Mapping[str, Any]) -> tuple[bool, dict[str, Any]]:
+    """Whether the overrides ask for ``lr=auto`` (lr-find chooses the rate before the epochs), and the others."""
+    value = overrides.get("lr")
+    asked = isinstance(value, str) and value.strip().lower() == "auto"
+    return asked, {k: v for k, v in overrides.items() if not (asked and k == "lr")}
+
+
+def has_learning_rate(name: str, recipe: recipes.Recipe) -> recipes.Recipe:
+    """A recipe that trains epochs, for lr-find: one that fits its head on cached features has no rate."""
+    if not recipe.trains_epochs:
+        raise UsageError(f"{name}: recipe {recipe.name!r} fits its head by L-BFGS on cached features and trains no "
+                         "epochs, so it has no learning rate to find; add --set cached_features=false (the head "
+                         "then trains in epochs) or use a large-* recipe (--recipe large-similar or large-different)")
+    return recipe
 
 
 # --- the Python API's fit() ---------------------------------------------------------------------------------
@@ -283,6 +311,11 @@ def check_fit_arguments(
     if not (isinstance(recipe, (str, Path)) and str(recipe) == "auto"):
         _recipe(n("recipe"), recipe)
     shortcuts = {"model": model, "epochs": epochs, "batch_size": batch_size, "pretrained": pretrained}
-    merged = {k: v for k, v in shortcuts.items() if v is not None} | dict(overrides or {})
+    lr_auto, merged = auto_lr({k: v for k, v in shortcuts.items() if v is not None} | dict(overrides or {}))
     recipe_overrides(n("overrides"), recipe, merged, n("recipe"))
+    if lr_auto and devices * num_nodes > 1:
+        raise UsageError(f"{n('overrides')} lr=auto: lr-find runs in one process; run `finetune lr-find DIR` first "
+                         f"and give the rate it suggests ({n('overrides')} lr=...)")
+    if lr_auto and not (isinstance(recipe, (str, Path)) and str(recipe) == "auto"):  # auto: once it has chosen
+        has_learning_rate(f"{n('overrides')} lr=auto", _recipe(n("recipe"), recipe).override(merged))
 

@@ -73,6 +73,25 @@ def expected_calibration_error(probabilities: torch.Tensor, labels: torch.Tensor
                                n_bins: int = DEFAULT_BINS) -> float:
     """ECE: the gap between confidence (top probability) and accuracy, averaged over ``n_bins`` equal-width
     confidence bins weighted by how many samples fall in each. 0 is perfectly calibrated."""
+    conf_sum, acc_sum, _ = _bin_sums(probabilities, labels, n_bins)
+    return float((conf_sum - acc_sum).abs().sum() / len(labels))
+
+
+def reliability_bins(probabilities: torch.Tensor, labels: torch.Tensor, *,
+                     n_bins: int = DEFAULT_BINS) -> dict[str, list[float]]:
+    """What a reliability diagram draws, in the bins of ``expected_calibration_error``: per bin the mean
+    confidence, the accuracy (both NaN in an empty bin) and the number of samples."""
+    conf_sum, acc_sum, count = _bin_sums(probabilities, labels, n_bins)
+    per = count.clamp(min=1)
+    empty = count == 0
+    return {"confidence": (conf_sum / per).masked_fill(empty, float("nan")).tolist(),
+            "accuracy": (acc_sum / per).masked_fill(empty, float("nan")).tolist(),
+            "count": [int(c) for c in count]}
+
+
+def _bin_sums(probabilities: torch.Tensor, labels: torch.Tensor,
+              n_bins: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per confidence bin: the sum of confidences, of correct predictions, and the count."""
     probabilities, labels = _check(probabilities, labels)
     if n_bins < 1:
         raise ValueError(f"n_bins must be at least 1, got {n_bins}")
@@ -82,7 +101,8 @@ def expected_calibration_error(probabilities: torch.Tensor, labels: torch.Tensor
     bins = (confidence * n_bins).ceil().long().clamp(1, n_bins) - 1
     conf_sum = torch.zeros(n_bins).index_add_(0, bins, confidence)
     acc_sum = torch.zeros(n_bins).index_add_(0, bins, correct)
-    return float((conf_sum - acc_sum).abs().sum() / len(labels))
+    count = torch.zeros(n_bins).index_add_(0, bins, torch.ones_like(confidence))
+    return conf_sum, acc_sum, count
 
 
 @torch.no_grad()

@@ -37,7 +37,7 @@ from .data.transforms import build_transforms
 from .model.backbones import create_backbone
 from .model.classifier import Classifier
 from .model.probe import CachedFeatures, feature_pass, fit_linear_probe
-from .plots import _pyplot
+from .plots import _figure, _save
 from .recipes import Recipe
 from .resolution import choose_resolution
 
@@ -69,6 +69,7 @@ def run_checks(data_dir: str | Path, recipe: Recipe, *, out: str | Path, seed: i
     data_config = timm.data.resolve_model_data_config(backbone)
     data_config = choose_resolution(recipe, splits, data_config["input_size"][-1], seed).data_config(data_config)
     classifier = Classifier(backbone, num_classes, head=recipe.head, head_stages=recipe.head_stages)
+    classifier.start_head_near_zero(seed)  # as fit starts it
     unfrozen = recipe.unfreeze_stages if recipe.trains_backbone else 0
     rng = random.Random(seed)
     tiny = _balanced(splits.train, OVERFIT_IMAGES, rng)
@@ -236,10 +237,10 @@ def augmentations(splits: DatasetSplits, data_config: dict[str, Any], recipe: Re
                                  color_jitter=recipe.color_jitter, seed=rng.randrange(2**31))
     samples = _balanced(splits.train, GRID, rng)
     mean, std = np.array(data_config["mean"]), np.array(data_config["std"])
-    plt = _pyplot()
     cols = 4
     rows = math.ceil(len(samples) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
+    fig = _figure(2.2 * cols, 2.4 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, sample in zip(axes.flat, samples, strict=False):
         pixels = transform(image=load_rgb(sample.path))["image"].permute(1, 2, 0).numpy()
         ax.imshow(np.clip(pixels * std + mean, 0, 1))
@@ -249,9 +250,7 @@ def augmentations(splits: DatasetSplits, data_config: dict[str, Any], recipe: Re
     fig.suptitle(f"training augmentation of {recipe.name}: scale_min {recipe.scale_min}, hflip {recipe.hflip}, "
                  f"color_jitter {recipe.color_jitter}" if augmented else
                  f"{recipe.name} trains on the images as they are (its probe has no augmented views)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
     return CheckResult("augmentations", path.is_file(), f"{len(samples)} augmented images in {path}",
                        "look at it: the model sees these; the classes should still be recognisable")
 

@@ -95,6 +95,9 @@ class Recipe:
     cached_features: bool = True
     flip_views: bool = True  # the probe also trains on each training image's mirror image (one more pass)
     feature_views: int = 0  # views with the crop + colour jitter above, added to the probe's training set
+    # the probe's weight decay (on standardised features); 0: chosen on validation from model/probe.py's
+    # WEIGHT_DECAYS, 1e-3 to 1 (what `finetune tune` searches on the probe path, on a log scale)
+    probe_weight_decay: float = 0.0
     # recipes that fine-tune their top stages: the frozen layers below them run once, over this many augmented
     # views of each training image, and the epochs train on the cached activations (phases/frozen_cache.py)
     frozen_cache_views: int = 0
@@ -181,7 +184,7 @@ class Recipe:
         if self.head == "multistage":
             names.append("head_stages")
         if self.probes:
-            names += ["flip_views", "feature_views"]
+            names += ["flip_views", "feature_views", "probe_weight_decay"]
         if self.trains_epochs:
             names += ["epochs", "max_train_images", "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs",
                       "min_lr_ratio", "label_smoothing", "head_dropout", "early_stopping", "divergence_factor",
@@ -233,6 +236,8 @@ def _validate(r: Recipe) -> None:
     need(r.early_stopping >= 0, "early_stopping", "patience in epochs, 0 = off")
     need(r.resolution == 0 or 32 <= r.resolution <= 1024, "resolution",
          "0 (from the images' size) or a side in pixels, 32 to 1024")
+    need(math.isfinite(r.probe_weight_decay) and r.probe_weight_decay >= 0, "probe_weight_decay",
+         "0 (chosen on validation) or a weight decay such as 0.1")
     need(r.feature_views >= 0, "feature_views", "must be >= 0 (each view costs one pass over the training set)")
     need(r.frozen_cache_views >= 0, "frozen_cache_views",
          "0 (off) or the number of augmented views of each training image to cache")

@@ -2,6 +2,7 @@
 
     runs/<name>/
       recipe.toml         the resolved recipe, every override applied
+      lr_find.png         with lr=auto: lr-find's sweep (and lr_find.csv, lr_find.json; phases/lr_find.py)
       classes.json        label names, index order
       split.json          the exact train/val(/test) file lists (reuse with --split)
       metrics.csv         per-step and per-epoch metrics (Lightning CSV logger)
@@ -9,19 +10,25 @@
       model.safetensors   trained weights of the best epoch, timm key names
       config.json         timm hub layout: architecture, num_classes, label_names, pretrained_cfg (+ finetune,
                           whose "format" is FORMAT_VERSION: the layout of this folder and its export)
-      curves.png          loss and accuracy per epoch
       summary.json        final metrics, timings, skipped files, versions, recipe choice
-      report.md           the same for people
+      val_predictions.npz the kept model's validation logits, labels and image files (what the report reads)
+      report.md           the run for people (finetune/report.py), with its plots: curves.png, lr.png,
+      report.html         probe.png, confusion.png, per_class.png, wrong.png, reliability.png; the HTML
+                          holds them inline
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import logging
 import platform
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
 import safetensors.torch
 import timm
 import torch
@@ -37,6 +44,8 @@ from .phases.outcome import Outcome
 from .plots import plot_probe_sweep
 from .recipes import Recipe
 from .runtime import Precision
+
+log = logging.getLogger("finetune")
 
 MEMBER_PREFIX = "finetune_members."  # the weights of an ensemble's backbones after the first
 
@@ -182,7 +191,7 @@ def write_temperature(folder: str | Path, value: float) -> None:
 
 
 def read_epoch_metrics(metrics_csv: Path) -> list[dict[str, float]]:
-    """One row per epoch, merging Lightning's separate train/val rows."""
+    """One row per epoch, merging Lightning's separate train/val rows; ``step``: the last step of the epoch."""
     if not metrics_csv.is_file():
         return []
     epochs: dict[int, dict[str, float]] = {}
@@ -191,6 +200,8 @@ def read_epoch_metrics(metrics_csv: Path) -> list[dict[str, float]]:
             if not row.get("epoch"):
                 continue
             entry = epochs.setdefault(int(float(row["epoch"])), {})
+            if row.get("step"):
+                entry["step"] = max(entry.get("step", 0.0), float(row["step"]))
             for key, value in row.items():
                 # epoch-level values: "_epoch" keys, and keys logged only per epoch (train/acc, val/..., val_ema/...)
                 epoch_level = key.endswith("_epoch") or (key.startswith(("train/", "val/", "val_ema/"))
@@ -198,6 +209,67 @@ def read_epoch_metrics(metrics_csv: Path) -> list[dict[str, float]]:
                 if value not in ("", None) and epoch_level:
                     entry[key.removesuffix("_epoch")] = float(value)
     return [dict(epoch=e, **m) for e, m in sorted(epochs.items())]
+
+
+def read_step_metrics(metrics_csv: Path, prefix: str) -> dict[str, list[tuple[int, float]]]:
+    """Per-step values of the ``metrics.csv`` columns that start with ``prefix`` (e.g. ``"lr/"``), by column
+    name without it: (step, value) in step order."""
+    if not metrics_csv.is_file():
+        return {}
+    series: dict[str, list[tuple[int, float]]] = {}
+    with metrics_csv.open() as f:
+        for row in csv.DictReader(f):
+            for key, value in row.items():
+                if key and key.startswith(prefix) and value not in ("", None):
+                    series.setdefault(key.removeprefix(prefix), []).append((int(float(row["step"])), float(value)))
+    return {k: sorted(v) for k, v in series.items()}
+
+
+VAL_PREDICTIONS = "val_predictions.npz"
+
+
+@dataclass
+class ValPredictions:
+    """The kept model's validation logits (before temperature scaling), labels and image files: what the run
+    report draws, without the model. ``files`` are relative to ``root`` (the data folder), in the rows' order;
+    empty when they are not known."""
+
+    logits: np.ndarray  # (N, C) float32
+    labels: np.ndarray  # (N,) class indices
+    files: list[str]
+    root: Path
+
+
+def write_val_predictions(folder: Path, logits: torch.Tensor, labels: torch.Tensor, files: list[str] | None,
+                          splits: DatasetSplits) -> None:
+    """``val_predictions.npz``. ``files`` (one per row) are kept only when they hold the rows' labels in
+    ``splits``: a check that they are the images the logits came from."""
+    label_of = {str(s.path): s.label for s in splits.val}
+    labels = labels.detach().cpu().long()
+    if files is None or len(files) != len(labels) or [label_of.get(f) for f in files] != labels.tolist():
+        log.warning("the validation images of the predictions are not known: the report shows no image grid")
+        files = []
+    relative = [_relative(Path(f), splits.root) for f in files]
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, logits=logits.detach().cpu().float().numpy(), labels=labels.numpy(),
+                        files=np.array(relative, dtype=str), root=np.array(str(splits.root)))
+    atomic_write_bytes(folder / VAL_PREDICTIONS, buffer.getvalue())
+
+
+def read_val_predictions(folder: Path) -> ValPredictions | None:
+    """``folder/val_predictions.npz``, or None in a run folder written before it existed."""
+    path = folder / VAL_PREDICTIONS
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        return ValPredictions(data["logits"], data["labels"], [str(f) for f in data["files"]], Path(str(data["root"])))
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return PurePosixPath(path.relative_to(root)).as_posix()
+    except ValueError:  # a labels CSV may name files outside the folder
+        return str(path)
 
 
 def build_summary(*, data_dir: Path, run_dir: Path, recipe: Recipe, reason: str, gap: DomainGap | None,
@@ -223,7 +295,8 @@ def build_summary(*, data_dir: Path, run_dir: Path, recipe: Recipe, reason: str,
         "skipped_files": len(skipped), "skipped": skipped, "preflight": preflight, "balance": balance,
         "timings": timings, "train_images_per_s": outcome.train_images_per_s, "trainable_parameters": trainable,
         "processes": outcome.processes, "resolution": resolution, "decoded_cache": decoded_cache,
-        "frozen_cache": outcome.frozen_cache, "ema": outcome.ema, "inference": inference(recipe),
+        "frozen_cache": outcome.frozen_cache, "ema": outcome.ema, "lr_find": outcome.lr_find,
+        "inference": inference(recipe),
         "versions": versions(),
     }
 
@@ -245,47 +318,6 @@ def versions() -> dict[str, str]:
     return {"finetune": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "timm": timm.__version__, "pytorch_lightning": pl.__version__,
             "torchmetrics": torchmetrics.__version__, "albumentations": albumentations.__version__}
-
-
-def _processes(summary: dict[str, Any]) -> str:
-    """", on 2 processes: 1 machine(s) x 2 device(s) (DDPStrategy, global batch 64)" for a multi-process run."""
-    p = summary.get("processes") or {}
-    if p.get("world", 1) == 1:
-        return ""
-    how = f" ({p['strategy']}, global batch {p['global_batch']})" if "strategy" in p else ""
-    return f", on {p['world']} processes: {p['num_nodes']} machine(s) x {p['devices']} device(s){how}"
-
-
-def write_report(path: Path, summary: dict[str, Any]) -> None:
-    """``report.md``: the summary for people."""
-    val, test = summary.get("val", {}), summary.get("test", {})
-    lines = [
-        f"# Run {summary['run_dir']}",
-        "",
-        f"- data: `{summary['data_dir']}`: {summary['num_classes']} classes, {summary['train_images']} train / "
-        f"{summary['val_images']} validation / {summary['test_images']} test images ({summary['split_source']} "
-        "split)",
-        f"- recipe: **{summary['recipe']}** ({summary['recipe_reason']})",
-        f"- training: {summary['training']}",
-        f"- model selected by: {summary['selection']} (the validation scores are optimistic; the test split "
-        "was used for nothing but the scores below)" if test else f"- model selected by: {summary['selection']}",
-        f"- backbone: `{summary['model']}`, precision {summary['precision']}{_processes(summary)}",
-        f"- input resolution: {summary['resolution']['reason']}",
-        f"- input crop: {summary['resolution'].get('crop_reason', 'the backbone centre crop')}",
-        *([f"- each prediction: {' + '.join(summary['inference']['views'])} through "
-           f"{' + '.join(summary['inference']['backbones'])}"] if summary.get("inference") else []),
-        *([f"- weights kept: {summary['ema']['sentence']}"] if summary.get("ema") else []),
-        f"- skipped unreadable files: {summary['skipped_files']}",
-        f"- time: {summary['timings']['total_s']:.0f} s ({summary['train_images_per_s']:.1f} training images/s)",
-        "",
-        "| metric | validation (used for selection) |" + (" test (held out) |" if test else ""),
-        "|---|---|" + ("---|" if test else ""),
-    ]
-    lines += [f"| {k} | {v:.4f} |" + (f" {test[k]:.4f} |" if k in test else (" |" if test else ""))
-              for k, v in val.items()]
-    plots = [name for name in ("curves.png", "probe.png") if (Path(summary["run_dir"]) / name).is_file()]
-    lines += ["", *(f"![{name}]({name})" for name in plots), ""]
-    atomic_write_bytes(path, "\n".join(lines).encode())
 
 
 def save_checkpoint(folder: Path, state_dict: dict[str, torch.Tensor], extra: dict[str, Any],

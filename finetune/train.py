@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -26,7 +27,7 @@ import timm
 import torch
 
 from . import __version__, runs
-from .arguments import check_fit_arguments
+from .arguments import auto_lr, check_fit_arguments, has_learning_rate, output_dir
 from .calibration import fit_temperature
 from .data import DatasetSplits, ImageFolderDataModule
 from .data.balance import BalancePlan, plan_balance
@@ -47,11 +48,22 @@ from .model.module import TransferModule
 from .output_space import check_output_space, run_bytes_needed
 from .phases import Outcome, frozen_cache
 from .phases.epochs import train_epochs
+from .phases.lr_find import (
+    MAX_LR,
+    MIN_LR,
+    MIN_STEPS,
+    PLOT,
+    LrFinding,
+    find_lr,
+    read_summary,
+    write_lr_find,
+)
 from .phases.probe import Probe, ProbedModel, finish_probe_only, keep_the_better, probed_model, run_probe
 from .phases.resume import LAST, ResumePoint
 from .progress import Phases
 from .recipe_choice import base_recipe, domain_sentence, measure_domain, resolve_recipe
 from .recipes import Recipe
+from .report import write_report
 from .resolution import Resolution, choose_resolution
 from .runtime import Precision, choose_precision, tune_allocator
 
@@ -125,6 +137,7 @@ def fit(
     limit_batches: int | float | None = None,
     max_unusable_fraction: float = MAX_UNUSABLE_FRACTION,
     export: str | Sequence[str] | None = DEFAULT_FORMATS,
+    callbacks: Sequence[pl.Callback] = (),
 ) -> FitResult:
     """Fine-tune a pretrained backbone on an image folder; write a self-describing run folder.
 
@@ -138,16 +151,16 @@ def fit(
     is written; ``resume=RUN`` continues the interrupted run RUN from it, with the arguments RUN was started
     with (``RUN/fit.json``; the others given here are not used). ``limit_batches`` caps batches per epoch
     (smoke tests). ``export`` lists the formats written to ``RUN/export`` and parity-checked at the end
-    (None: no export).
+    (None: no export). ``callbacks``: more Lightning callbacks for the epochs (``finetune tune``'s pruner).
     """
     if resume is not None:
-        return _fit(_resumed(Path(resume), progress), continuing=Path(resume))
+        return _fit(_resumed(Path(resume), progress), continuing=Path(resume), callbacks=callbacks)
     args = FitArguments(data_dir, recipe, model, epochs, batch_size, dict(overrides or {}), domain, out, labels,
                         split_file, val_fraction, seed, precision, feature_backend, weights, pretrained,
                         num_workers, accelerator, devices, num_nodes, strategy, checkpoint_every, progress,
                         limit_batches, max_unusable_fraction, export)
     check_fit_arguments(**args.checked())
-    return _fit(args, continuing=None)
+    return _fit(args, continuing=None, callbacks=callbacks)
 
 
 @dataclass
@@ -198,7 +211,7 @@ class FitArguments:
         return {name: getattr(self, name) for name in names}
 
 
-def _fit(a: FitArguments, continuing: Path | None) -> FitResult:
+def _fit(a: FitArguments, continuing: Path | None, callbacks: Sequence[pl.Callback] = ()) -> FitResult:
     started = time.perf_counter()
     tune_allocator()
     device = resolve_device(a.accelerator)
@@ -209,7 +222,7 @@ def _fit(a: FitArguments, continuing: Path | None) -> FitResult:
     pl.seed_everything(a.seed, workers=True, verbose=False)  # before the backbone: a random init depends on it
     phases = Phases(enabled=progress)
     shortcuts = {"model": a.model, "epochs": a.epochs, "batch_size": a.batch_size, "pretrained": a.pretrained}
-    merged = {k: v for k, v in shortcuts.items() if v is not None} | a.overrides
+    lr_auto, merged = auto_lr({k: v for k, v in shortcuts.items() if v is not None} | a.overrides)
     check_head_stages(base_recipe(a.recipe, merged).override({k: v for k, v in merged.items() if k == "head_stages"}))
     data_dir = Path(a.data_dir)
     checked = preflight(load_splits(data_dir, labels=a.labels, split_file=a.split_file, val_fraction=a.val_fraction,
@@ -218,7 +231,7 @@ def _fit(a: FitArguments, continuing: Path | None) -> FitResult:
     prec = choose_precision(a.precision, device)
     engine = choose_backend(a.feature_backend, device.kind)
     choice = _choose(a, merged, checked.splits, device, prec, engine.name, phases, ranks)
-    r = choice.recipe
+    r = has_learning_rate("lr=auto", choice.recipe) if lr_auto else choice.recipe
     log.info("recipe %s: %s", r.name, choice.reason)
     timings["recipe_choice_s"] = time.perf_counter() - started - timings["preflight_s"]
 
@@ -229,7 +242,8 @@ def _fit(a: FitArguments, continuing: Path | None) -> FitResult:
     run_dir = continuing or _start_run_dir(a, data_dir, choice, checked.splits, ranks)
     resume = _resume_point(run_dir, r) if continuing else None
     outcome, module, probe = _train(classifier, datamodule, r, balance, device, prec, engine.name, run_dir, phases,
-                                    progress, a, ranks, continuing is not None, resume)
+                                    progress, a, ranks, continuing is not None, resume, callbacks)
+    choice.recipe = r = module.recipe  # with lr=auto, the rate lr-find chose
 
     outcome.processes = {"world": ranks.world, "devices": ranks.devices, "num_nodes": ranks.num_nodes,
                          **outcome.processes}
@@ -260,7 +274,8 @@ class _Run:
 
 def _finish(run: _Run, classifier: Classifier, module: TransferModule, outcome: Outcome, probe: Probe | None,
             export: str | Sequence[str] | None, phases: Phases) -> dict[str, Any]:
-    """Calibrate, save the selected model, export it, write summary.json and report.md; the summary."""
+    """Calibrate, save the selected model, export it, write summary.json, the validation predictions and the
+    report; the summary."""
     r, saved = run.choice.recipe, time.perf_counter()
     calibration = fit_temperature(outcome.val_logits, outcome.val_labels)
     config = runs.model_config(classifier, r.model, run.checked.splits.classes, run.choice.data_config,
@@ -282,7 +297,9 @@ def _finish(run: _Run, classifier: Classifier, module: TransferModule, outcome: 
         decoded_cache=run.decoded_cache,
     )
     runs.write_json(run.run_dir / "summary.json", summary)
-    runs.write_report(run.run_dir / "report.md", summary)
+    runs.write_val_predictions(run.run_dir, outcome.val_logits, outcome.val_labels, outcome.val_files,
+                               run.checked.splits)
+    write_report(run.run_dir)
     if summary["skipped"]:
         log.warning("skipped %d unreadable file(s): %s", len(summary["skipped"]), ", ".join(summary["skipped"][:10]))
     return summary
@@ -320,6 +337,7 @@ def _build(choice: Choice, splits: DatasetSplits, balance: BalancePlan, device: 
     members = [_member(name, r, choice.data_config) for name in r.ensemble_members]
     classifier = Classifier(backbone, len(splits.classes), head=r.head, head_stages=r.head_stages,
                             head_dropout=r.head_dropout, test_flip=r.test_flip, members=members)
+    classifier.start_head_near_zero(a.seed)
     if prec.channels_last:
         classifier = classifier.to(memory_format=torch.channels_last)
     decoded = decoded_cache_plan(splits, choice.data_config)
@@ -374,6 +392,8 @@ def _resumed(run_dir: Path, progress: bool) -> FitArguments:
     if (run_dir / "summary.json").is_file():
         raise UsageError(f"--resume {run_dir}: this run is complete (it has summary.json); start a new one")
     saved = json.loads((run_dir / FIT_ARGUMENTS).read_text())
+    if (read_summary(run_dir) or {}).get("lr"):  # lr=auto found its rate before it stopped: recipe.toml holds it
+        saved["overrides"] = auto_lr(saved["overrides"])[1]
     return FitArguments(**saved | {"recipe": str(run_dir / "recipe.toml"), "split_file": str(run_dir / "split.json"),
                                    "out": str(run_dir), "progress": progress})
 
@@ -404,21 +424,17 @@ def _resume_point(run_dir: Path, recipe: Recipe) -> ResumePoint | None:
 
 def _train(classifier: Classifier, datamodule: ImageFolderDataModule, r: Recipe, balance: BalancePlan,
            device: Device, prec: Precision, engine: str, run_dir: Path, phases: Phases, progress: bool,
-           a: FitArguments, ranks: Ranks, continued: bool, resume: ResumePoint | None):
+           a: FitArguments, ranks: Ranks, continued: bool, resume: ResumePoint | None,
+           callbacks: Sequence[pl.Callback] = ()):
     """The probe (when the recipe has a frozen phase on cached features), then Lightning epochs (when it
     trains the backbone, or has no cached features): LP-FT when both run. A ``continued`` run reuses its
     saved probe and its epochs go on from ``resume``."""
-    use_probe = r.probes and _linear_head(classifier)
-    probe = None
-    if use_probe:
-        weights = balance.class_weights if balance.method != "none" else None
-        probe = run_probe(classifier, datamodule, r, precision=prec, engine=engine, device=device,
-                          run_dir=run_dir, phases=phases, class_weights=weights, ranks=ranks,
-                          reuse=continued)
-    module = TransferModule(classifier, r, probed=probe is not None, channels_last=prec.channels_last,
-                            class_weights=balance.class_weights if balance.method == "loss_weights" else None)
+    module, probe = _module(classifier, datamodule, r, balance, device, prec, engine, run_dir, phases, ranks,
+                            continued)
     if probe is not None and not r.trains_backbone:
         return finish_probe_only(module, probe, datamodule, run_dir, phases, ranks), module, probe
+    if auto_lr(a.overrides)[0]:
+        r = module.recipe = _auto_lr(module, datamodule, r, device, prec, run_dir, progress)
     candidate = probed_model(module, probe) if probe is not None else None
     # what a divergence leaves when no epoch finished: the probed model, else the model as training found it
     start = None if candidate else ProbedModel({k: v.detach().clone() for k, v in module.state_dict().items()},
@@ -437,7 +453,8 @@ def _train(classifier: Classifier, datamodule: ImageFolderDataModule, r: Recipe,
             outcome: Outcome = train_epochs(
                 module, frozen_cache.CachedDataModule(datamodule, cache) if cache else datamodule, r, device=device,
                 precision=prec, run_dir=run_dir, epochs=epochs, probed=probe is not None, progress=progress,
-                limit_batches=a.limit_batches, ranks=ranks, checkpoint_every=a.checkpoint_every, resume=resume)
+                limit_batches=a.limit_batches, ranks=ranks, checkpoint_every=a.checkpoint_every, resume=resume,
+                callbacks=callbacks)
     except Diverged as e:
         raise Diverged(f"{e}; {_last_good(run_dir, candidate or start, ranks)}; {advice()}") from None
     finally:
@@ -447,9 +464,97 @@ def _train(classifier: Classifier, datamodule: ImageFolderDataModule, r: Recipe,
         outcome.selection = f"{probe.selection}, then {outcome.selection}"
         outcome = keep_the_better(module, candidate, probe, outcome, datamodule, run_dir, phases, ranks)
     outcome.frozen_cache = cache_summary
+    outcome.lr_find = read_summary(run_dir)
     if cache:
         outcome.timings["frozen_cache_s"] = cache.fill_s
     return outcome, module, probe
+
+
+def _module(classifier: Classifier, datamodule: ImageFolderDataModule, r: Recipe, balance: BalancePlan,
+            device: Device, prec: Precision, engine: str, run_dir: Path, phases: Phases, ranks: Ranks,
+            continued: bool) -> tuple[TransferModule, Probe | None]:
+    """The probe, when the recipe fits a head on cached features, and the LightningModule that trains from it."""
+    probe = None
+    if r.probes and _linear_head(classifier):
+        weights = balance.class_weights if balance.method != "none" else None
+        probe = run_probe(classifier, datamodule, r, precision=prec, engine=engine, device=device,
+                          run_dir=run_dir, phases=phases, class_weights=weights, ranks=ranks,
+                          reuse=continued)
+    module = TransferModule(classifier, r, probed=probe is not None, channels_last=prec.channels_last,
+                            class_weights=balance.class_weights if balance.method == "loss_weights" else None)
+    return module, probe
+
+
+def _auto_lr(module: TransferModule, datamodule: ImageFolderDataModule, r: Recipe, device: Device,
+             prec: Precision, run_dir: Path, progress: bool) -> Recipe:
+    """``lr=auto``: lr-find's sweep on the module as the epochs will start it; its suggestion becomes the recipe's
+    ``lr``, in ``recipe.toml`` too (what a resumed run reads), the sweep in ``RUN/lr_find.{png,csv,json}``."""
+    finding = find_lr(module, datamodule, r, device=device, precision=prec, progress=progress)
+    write_lr_find(finding, run_dir, _lr_find_title(finding, run_dir.name))
+    finding.checked()
+    log.info("lr-find: suggested %.2g (%s), using %.2g", finding.suggested, finding.rule, finding.lr)
+    found = r.override({"lr": finding.lr})
+    header = (run_dir / "recipe.toml").read_text().splitlines()[0]
+    atomic_write_text(run_dir / "recipe.toml",
+                      f"{header}; lr {finding.lr:g} suggested by lr-find ({PLOT})\n" + found.to_toml())
+    return found
+
+
+def _lr_find_title(finding: LrFinding, data: str) -> str:
+    stopped = ", stopped early: the loss blew up" if finding.stopped_early else ""
+    return (f"lr-find: {finding.recipe} on {data}, {len(finding.lrs)} of {finding.steps} steps{stopped}\n"
+            f"training {finding.trained}")
+
+
+def lr_find(
+    data_dir: str | Path,
+    recipe: str | Path | Recipe = "auto",
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    out: str | Path | None = None,
+    seed: int = 0,
+    steps: int | None = None,
+    min_lr: float = MIN_LR,
+    max_lr: float = MAX_LR,
+    labels: str | Path | None = None,
+    val_fraction: float = 0.2,
+    precision: str = "auto",
+    feature_backend: str = "auto",
+    num_workers: int | None = None,
+    accelerator: str = "auto",
+    progress: bool = True,
+) -> LrFinding:
+    """``finetune lr-find``: the recipe chosen and the model built as ``fit`` would (with the probe first, for the
+    recipes that start fine-tuning from it), then lr-find's sweep (phases/lr_find.py) from ``min_lr`` to
+    ``max_lr`` over at most ``steps`` batches (None: ``phases.lr_find.STEPS``). Writes ``lr_find.png``, ``.csv``
+    and ``.json`` to ``out`` (default ``runs/<DIR name>-lr-find``); raises ``LrFindFailed`` after writing them
+    when the curve has no valley, a ``UsageError`` for a recipe without a learning rate (one that fits its head
+    on cached features)."""
+    a = FitArguments(data_dir, recipe, None, None, None, dict(overrides or {}), "auto", None, labels, None,
+                     val_fraction, seed, precision, feature_backend, None, None, num_workers, accelerator, 1, 1,
+                     "auto", None, progress, None, MAX_UNUSABLE_FRACTION, None)
+    check_fit_arguments(**a.checked())
+    folder = output_dir("out", out) if out is not None else Path("runs") / f"{Path(data_dir).resolve().name}-lr-find"
+    if not ((steps is None or isinstance(steps, int) and steps >= MIN_STEPS) and 0 < min_lr < max_lr <= 1):
+        raise UsageError(f"lr_find: steps={steps!r}, min_lr={min_lr!r}, max_lr={max_lr!r}: give at least "
+                         f"{MIN_STEPS} steps and 0 < min_lr < max_lr <= 1")
+    device = resolve_device(accelerator)
+    pl.seed_everything(seed, workers=True, verbose=False)
+    phases, ranks = Phases(enabled=progress), Ranks()
+    checked = preflight(load_splits(Path(data_dir), labels=labels, val_fraction=val_fraction, seed=seed),
+                        progress=progress)
+    prec, engine = choose_precision(precision, device), choose_backend(feature_backend, device.kind)
+    choice = _choose(a, auto_lr(a.overrides)[1], checked.splits, device, prec, engine.name, phases, ranks)
+    r = has_learning_rate(f"lr-find ({choice.reason})", choice.recipe)
+    balance = checked.balance if r.balance == "auto" else plan_balance(checked.balance.class_counts, method=r.balance)
+    classifier, datamodule, _ = _build(choice, checked.splits, balance, device, prec, a, ranks)
+    with tempfile.TemporaryDirectory(prefix="finetune-lr-find-") as scratch:  # the probe's files
+        module, _ = _module(classifier, datamodule, r, balance, device, prec, engine.name, Path(scratch), phases,
+                            ranks, continued=False)
+    finding = find_lr(module, datamodule, r, device=device, precision=prec, steps=steps, min_lr=min_lr,
+                      max_lr=max_lr, progress=progress)
+    write_lr_find(finding, folder, _lr_find_title(finding, Path(data_dir).resolve().name))
+    return finding.checked()
 
 
 def _last_good(run_dir: Path, before: ProbedModel, ranks: Ranks) -> str:

@@ -21,7 +21,8 @@ from finetune.cli.fit import headline, print_fit_result, selection
 from finetune.errors import RecipeError, UsageError
 from finetune.predict_output import WRITERS
 
-COMMANDS = ("fit", "inspect", "recipes", "models", "doctor", "check", "export", "predict", "evaluate", "cache")
+COMMANDS = ("fit", "inspect", "recipes", "models", "doctor", "check", "lr-find", "tune", "export", "predict",
+            "evaluate", "report", "cache")
 
 
 def _subparsers() -> dict:
@@ -73,6 +74,7 @@ def folder(tmp_path_factory) -> Path:
     (["predict", "{data}/red/0.png", "x.png"], ["MODEL", "not an .onnx model"]),
     (["evaluate", "{data}/nowhere", "{data}"], ["MODEL", "does not exist"]),
     (["export", "{data}"], ["RUN", "no trained model"]),
+    (["report", "{data}"], ["RUN", "{data}", "no summary.json"]),
     (["recipes", "no-such-recipe"], ["no-such-recipe", "built-in recipes"]),
 ])
 def test_user_errors_are_one_line_and_exit_2(argv, fragments, folder, capsys, monkeypatch, tmp_path):

@@ -11,6 +11,7 @@ import safetensors.torch
 import torch
 
 from finetune.data.sampling import EpochSampler
+from finetune.runs import read_val_predictions
 
 # no randomness beyond the data order: no augmentation, dropout or stochastic depth; SGD, whose step is linear
 # in the gradient (Adam's first steps are sign(gradient) x lr, which float rounding can flip for tiny gradients)
@@ -107,3 +108,9 @@ def test_two_processes_shard_the_frozen_passes_and_share_one_probe(tmp_path, ima
     for name in ("weight", "bias", "mean", "std"):
         assert (heads[0][name] - heads[1][name]).abs().max() <= TOLERANCE, name
     assert torch.equal(heads[0]["val_labels"].sort().values, heads[1]["val_labels"].sort().values)
+    # the report's predictions name the image of each row: the ranks' shares in turn, the same image's logits
+    saved = [read_val_predictions(tmp_path / out) for out in ("ddp", "one")]
+    assert saved[0].files != saved[1].files and sorted(saved[0].files) == sorted(saved[1].files)
+    one_logits = dict(zip(saved[1].files, saved[1].logits, strict=True))
+    for file, logits in zip(saved[0].files, saved[0].logits, strict=True):
+        assert abs(logits - one_logits[file]).max() <= 1e-3, file

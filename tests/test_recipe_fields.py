@@ -18,7 +18,8 @@ from finetune.train import fit
 # a value other than small-similar's for every field it shows (name and description are labels only)
 CHANGED = {"model": "test_resnet", "pretrained": True, "unfreeze_stages": 1, "head": "multistage",
            "balance": "none", "cached_features": False, "test_flip": False, "flip_views": False,
-           "feature_views": 1, "crop": "center", "ensemble": "test_resnet"}
+           "feature_views": 1, "crop": "center", "ensemble": "test_resnet",
+           "probe_weight_decay": 0.5}
 # fields it hides, each set far from its value: together they must leave the model as it was
 HIDDEN = {"epochs": 3, "batch_size": 5, "lr": 0.5, "weight_decay": 0.3, "label_smoothing": 0.3, "head_dropout": 0.5,
           "scale_min": 0.1, "color_jitter": 0.9, "drop_path": 0.3, "head_stages": 1, "optimizer": "sgd",

@@ -13,6 +13,7 @@ import safetensors.torch
 import torch
 
 from finetune.phases.resume import ResumePoint
+from finetune.runs import read_epoch_metrics
 
 # augmentation, dropout and stochastic depth on (large-different's): the resumed run must draw what the
 # uninterrupted one drew. fp32 on the CPU with the same thread count is deterministic.
@@ -77,6 +78,11 @@ def test_a_killed_run_resumes_to_the_same_weights_bitwise(tmp_path, image_folder
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert json.loads((tmp_path / "whole" / "summary.json").read_text())["val"] == \
         json.loads((tmp_path / "killed" / "summary.json").read_text())["val"]
+    # the epochs before the kill are still in metrics.csv (Lightning's CSVLogger deletes it when it starts): the
+    # resumed run picks its best epoch among all of them, as the uninterrupted one did
+    scores = [[(r["epoch"], r["val/acc"]) for r in read_epoch_metrics(tmp_path / run / "metrics.csv") if "val/acc" in r]
+              for run in ("whole", "killed")]
+    assert scores[0] == scores[1] and len(scores[0]) >= 3  # the 3 epochs (and the final validation's row)
 
 
 def test_sigterm_saves_a_resumable_checkpoint_and_the_resumed_run_reuses_the_probe(tmp_path, image_folder):

@@ -5,9 +5,10 @@ written, then makes one call of the Python API and prints the result. One room p
 one parser builder per command next to the command itself:
 
     fit.py        fit
-    data.py       inspect, doctor, check (commands on an image folder)
-    trained.py    export, predict, evaluate (commands on a trained model)
+    data.py       inspect, doctor, check, lr-find (commands on an image folder)
+    trained.py    export, predict, evaluate, report (commands on a trained model)
     listings.py   recipes, models
+    tune.py       tune (a hyperparameter search on an image folder)
 
 The commands print through this package's `out` and `console`, looked up when they run (``from . import out``
 inside the function), so that a test can swap them.
@@ -26,7 +27,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
-from . import data, fit, listings, trained
+from . import data, fit, listings, trained, tune
 
 console = Console(stderr=True)
 out = Console()
@@ -50,9 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_inspect(sub)
     data.add_doctor(sub)
     data.add_check(sub)
+    data.add_lr_find(sub)
+    tune.add_tune(sub)
     trained.add_export(sub)
     trained.add_predict(sub)
     trained.add_evaluate(sub)
+    trained.add_report(sub)
     listings.add_cache(sub)
     return parser
 

@@ -1,5 +1,5 @@
-"""`finetune inspect`, `finetune doctor` and `finetune check`: the commands that look at an image folder before
-training."""
+"""`finetune inspect`, `finetune doctor`, `finetune check` and `finetune lr-find`: the commands that look at an
+image folder before training."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from rich.table import Table
 
 from .. import arguments as check
 from ..arguments import MAX_PROCESSES
+from ..errors import UsageError
 
 DATA_DIR = "an image folder DIR/<class>/<images> (or the root of --labels paths)"
 LABELS = "a labels CSV with path,label[,split] rows"
@@ -206,3 +207,67 @@ def cmd_check(args: argparse.Namespace) -> int:
                           escape(r.diagnosis))
         out.print(table)
     return 0 if all(r.passed for r in results) else 1
+
+
+def add_lr_find(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("lr-find", help="learning-rate range test: plot the loss against the rate, suggest an lr",
+                       description="Trains the model as fit's first epoch would (after the probe, for the large-* "
+                                   "recipes) for up to --num-steps batches while the learning rate grows from 1e-6 "
+                                   "to 1 (Lightning's lr finder), then restores it. Writes lr_find.png, "
+                                   "lr_find.csv and lr_find.json into --out and prints the suggested rate (the "
+                                   "middle of the longest valley of the smoothed loss) with the fit command that "
+                                   "uses it; `fit --set lr=auto` runs the same sweep itself. Exit status 0, 1 when "
+                                   "the curve has no valley, 2 for a usage error (a recipe without a learning "
+                                   "rate: small-* with cached features).")
+    p.set_defaults(handler=cmd_lr_find)
+    p.add_argument("data", metavar="DIR", help="image folder")
+    p.add_argument("--recipe", default="auto", help="auto (default: as fit would choose), a recipe name or file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override (repeatable)")
+    p.add_argument("--out", help="where the plot and the curve go (default runs/<DIR name>-lr-find)")
+    p.add_argument("--seed", type=int, default=0, help="random seed, 0 .. 2**32-1 (default 0)")
+    p.add_argument("--num-steps", type=int, default=100, metavar="N",
+                   help="training batches of the sweep at most, 20 or more (default 100; it stops early once the "
+                        "loss blows up)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .fit import parse_set
+
+    check.existing_dir("DIR", args.data, DATA_DIR)
+    check.seed("--seed", args.seed)
+    check.positive_int("--num-steps", args.num_steps, example=100)
+    if args.num_steps < 20:
+        raise UsageError(f"--num-steps {args.num_steps}: the suggestion needs a curve of at least 20 steps; "
+                               "for example --num-steps 100")
+    if args.out is not None:
+        check.output_dir("--out", args.out)
+    overrides = check.auto_lr(parse_set(args.set))[1]  # lr-find ignores the recipe's lr: it sweeps it
+    check.recipe_overrides("--set", args.recipe, overrides)
+    if str(args.recipe) != "auto":
+        check.has_learning_rate(f"--recipe {args.recipe}", check.recipe("--recipe", args.recipe).override(overrides))
+    from ..train import lr_find
+    from . import out, quiet_lightning
+
+    if not args.verbose:
+        quiet_lightning()  # importing pytorch_lightning just set its logger back to INFO
+    folder = Path(args.out) if args.out else Path("runs") / f"{Path(args.data).resolve().name}-lr-find"
+    finding = lr_find(args.data, args.recipe, overrides=overrides, out=folder, seed=args.seed,
+                      steps=args.num_steps, progress=args.progress and not args.json)
+    command = ["finetune", "fit", args.data] + (["--recipe", str(args.recipe)] if str(args.recipe) != "auto" else [])
+    command += [item for key, value in overrides.items() for item in ("--set", f"{key}={value}")]
+    command += ["--set", f"lr={finding.lr:.2g}"]
+    if args.json:
+        out.print_json(json.dumps(finding.to_summary() | {"folder": str(folder), "command": shlex.join(command)}))
+        return 0
+    stopped = " (stopped early: the loss blew up)" if finding.stopped_early else ""
+    out.print(f"lr-find on {escape(finding.recipe)}: {len(finding.lrs)} of {finding.steps} steps{stopped}, lr "
+              f"{finding.lrs[0]:.2g} to {finding.lrs[-1]:.2g}, training {finding.trained}, in "
+              f"{finding.seconds:.0f} s", highlight=False)
+    out.print(f"suggested lr [bold]{finding.lr:.2g}[/] ({finding.rule}: the middle of the longest valley of the "
+              f"smoothed loss); plot {escape(str(folder / 'lr_find.png'))}", highlight=False)
+    out.print(f"use it: {escape(shlex.join(command))}", highlight=False)
+    return 0

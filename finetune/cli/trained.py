@@ -1,4 +1,5 @@
-"""`finetune export`, `predict` and `evaluate`: the commands on a trained model (a run, an export, a .onnx)."""
+"""`finetune export`, `predict`, `evaluate` and `report`: the commands on a trained model (a run, an export, a
+.onnx)."""
 
 from __future__ import annotations
 
@@ -190,4 +191,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         console.print(f"[yellow]unreadable:[/] {escape(path)}: {escape(reason)}", highlight=False, soft_wrap=True)
     out.print(f"report: {escape(str(Path(result.files['metrics.json']).parent))} (metrics.json, per_class.csv, "
               "confusion.csv, confusion.png, predictions.csv)")
+    return 0
+
+
+def add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="write a run's report again: report.md, report.html and the plots",
+                       description="Write RUN/report.md, the self-contained RUN/report.html (plots inlined) and the "
+                                   "plots they show, from the run folder alone (summary.json, metrics.csv, "
+                                   "val_predictions.npz, recipe.toml): nothing runs through the model. The most "
+                                   "confidently wrong validation images are read from the data folder; if it "
+                                   "moved, the report says so. Prints the paths written.")
+    p.set_defaults(handler=cmd_report)
+    p.add_argument("run", metavar="RUN", help="run folder written by a finished `finetune fit`")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    run = check.finished_run("RUN", args.run)
+    from ..report import write_report
+    from . import out
+
+    for path in write_report(run).files:
+        out.print(escape(str(path)), highlight=False, soft_wrap=True)
     return 0

@@ -11,6 +11,8 @@ ratio of each parameter group (../shared/METHOD.md, "babysitting").
   ``update_ratio/<group>``: ||step of the group's weights|| / ||weights||, every ``log_every_n_steps`` steps, in
   ``metrics.csv``. About 1e-3 is healthy; a group far from it (below ``LOW`` or above ``HIGH``) while it trains
   at half its peak rate or more (not in its warm-up, not late in the decay) is named in one warning per run.
+- ``lr/<group>``: the learning rate each parameter group (head, stage<i>) steps with, at the same steps: the
+  schedule that the run report plots (its ``.no_decay`` part steps at the same rate and is not repeated).
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def advice() -> str:
 
 
 class TrainingSignals(pl.Callback):
-    """Logs the gradient norm and each group's update-to-weight ratio (see the module's doc)."""
+    """Logs the gradient norm, each group's learning rate and update-to-weight ratio (see the module's doc)."""
 
     def __init__(self) -> None:
         self.before: dict[str, list[torch.Tensor]] = {}
@@ -89,6 +91,8 @@ class TrainingSignals(pl.Callback):
         if grads:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
             pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=True, batch_size=1)
+        for name, lr in _rates(optimizer).items():
+            pl_module.log(f"lr/{name}", lr, on_step=True, on_epoch=False, batch_size=1)
         if self._logs(trainer):
             self.before = {_name(g, i): [p.detach().clone() for p in g["params"]]
                            for i, g in enumerate(optimizer.param_groups) if g["lr"] > 0}
@@ -122,3 +126,11 @@ class TrainingSignals(pl.Callback):
 
 def _name(group: dict, index: int) -> str:
     return str(group.get("name", f"group{index}"))
+
+
+def _rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Each group's learning rate, by group name without the ``.no_decay`` suffix (the same rate)."""
+    rates: dict[str, float] = {}
+    for i, group in enumerate(optimizer.param_groups):
+        rates.setdefault(_name(group, i).removesuffix(".no_decay"), float(group["lr"]))
+    return rates

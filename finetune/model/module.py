@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -68,6 +68,10 @@ class TransferModule(pl.LightningModule):
         # The moving average of the weights, scored beside them on every validation batch ("val_ema/").
         self.ema = new_ema(classifier, recipe.ema_decay) if recipe.uses_ema else None
         self.ema_metrics = make_metrics(classifier.num_classes).clone(prefix="val_ema/") if self.ema else None
+        # lr-find (phases/lr_find.py): while it is set, Lightning's finder sets one rate on every group and each
+        # group steps at its share of it (``lr_ratios``); it is given every training step's loss and says whether
+        # the loss has blown up, which ends the sweep
+        self.sweep: Callable[[float], bool] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self._layout(x))
@@ -87,8 +91,11 @@ class TransferModule(pl.LightningModule):
             self.ema.module.eval()  # only ever evaluated
         return self
 
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        if self.sweep is not None:  # the finder's scheduler sets every group's rate again before the next step
+            for group, ratio in zip(optimizer.param_groups, self.lr_ratios(), strict=True):
+                group["lr"] *= ratio
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         # here rather than in on_train_batch_end, which runs after the callbacks': a checkpoint written by one
         # of them after this step must hold the average that includes it, or a resumed run would differ
         if self.ema is not None:  # global_step counts this step only after this hook: the first update is step 1
@@ -125,7 +132,10 @@ class TransferModule(pl.LightningModule):
             self.log("val/kept_acc", kept)
 
     def training_step(self, batch, batch_idx):
-        return self._step(batch, self.train_metrics, "train")
+        loss = self._step(batch, self.train_metrics, "train")
+        if self.sweep is not None and self.sweep(math.nan if loss is None else float(loss.detach())):
+            self.trainer.should_stop = True
+        return loss
 
     def validation_step(self, batch, batch_idx):
         return self._step(batch, self.val_metrics, "val")
@@ -153,6 +163,12 @@ class TransferModule(pl.LightningModule):
         ]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_ratios(self) -> list[float]:
+        """Each optimizer group's rate as a share of the head's (``recipe.lr``): 1 for the head, the recipe's
+        ``backbone_lr_scale x layer_decay^k`` for stage k from the top; 0 for a group that starts training after a
+        head warm-up (``freeze_epochs``). Call after ``configure_optimizers``."""
+        return [g.lr / self.recipe.lr if g.start_epoch == 0 else 0.0 for g in self.group_specs]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """The random state too (dropout, stochastic depth), so that a resumed run draws what this one would

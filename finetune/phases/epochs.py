@@ -3,12 +3,14 @@ epoch on validation accuracy, and scores it on the validation and test splits.""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import importlib.util
+import io
 import logging
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +21,15 @@ from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy, Strategy
 
 from .. import runs
-from ..data import ImageFolderDataModule
+from ..data import ImageFolderDataModule, Sample
 from ..device import Device
 from ..distributed import Ranks
+from ..files import atomic_write_text
 from ..model.batchnorm import SyncBatchNorm
 from ..model.depthwise import small_map_backward
 from ..model.freezing import StagedFinetuning
 from ..model.guard import DivergenceGuard, TrainingSignals
 from ..model.module import TransferModule
-from ..plots import plot_curves
 from ..recipes import Recipe
 from ..runtime import Precision
 from .outcome import Outcome
@@ -48,10 +50,11 @@ _EXPECTED_WARNINGS = (".*does not have many workers.*", ".*Checkpoint directory.
 def train_epochs(module: TransferModule, datamodule: ImageFolderDataModule, recipe: Recipe, *,
                  device: Device, precision: Precision, run_dir: Path, epochs: int, probed: bool, progress: bool,
                  limit_batches: int | float | None = None, ranks: Ranks | None = None,
-                 checkpoint_every: int | None = None, resume: ResumePoint | None = None) -> Outcome:
+                 checkpoint_every: int | None = None, resume: ResumePoint | None = None,
+                 callbacks: Sequence[pl.Callback] = ()) -> Outcome:
     """``epochs`` Lightning epochs: all of the recipe's, or after a probe the fine-tuning epochs only (LP-FT).
     ``ranks``: the processes of a multi-device run (``finetune.distributed.launch``). ``resume``: continue
-    from that checkpoint of this run."""
+    from that checkpoint of this run. ``callbacks`` run after the toolkit's own."""
     ranks = ranks or Ranks()
     timer = Timer()
     monitor = EMA_MONITOR if module.ema is not None else MONITOR
@@ -61,7 +64,7 @@ def train_epochs(module: TransferModule, datamodule: ImageFolderDataModule, reci
     # the guard first: when it stops the run, no later callback saves the diverged steps
     callbacks: list[pl.Callback] = [DivergenceGuard(module.classifier.num_classes, recipe.divergence_factor),
                                     TrainingSignals(), staged, checkpoint, timer,
-                                    SaveAndStop(run_dir, ranks, checkpoint_every)]
+                                    SaveAndStop(run_dir, ranks, checkpoint_every), *callbacks]
     if recipe.early_stopping:
         callbacks.append(EarlyStopping(monitor, mode="max", patience=recipe.early_stopping))
     if progress and ranks.main:
@@ -84,8 +87,11 @@ def train_epochs(module: TransferModule, datamodule: ImageFolderDataModule, reci
         for message in _EXPECTED_WARNINGS:
             warnings.filterwarnings("ignore", message)
         # PyTorch's CPU backward of depthwise layers on tiny maps is slow (finetune/model/depthwise.py)
+        earlier = _metrics_before(run_dir, resume) if ranks.main else []
         with small_map_backward(module.classifier, cpu=device.kind == "cpu"):
             trainer.fit(module, datamodule=datamodule, ckpt_path=None if resume is None else resume.path)
+        if earlier:
+            _put_back(run_dir / "metrics.csv", earlier)
         processes = {"strategy": type(trainer.strategy).__name__, "global_batch": recipe.batch_size * ranks.world,
                      "final_weights_sha256": ranks.gather(_digest(module))}
         _load_best(module, checkpoint, ranks)
@@ -98,8 +104,6 @@ def train_epochs(module: TransferModule, datamodule: ImageFolderDataModule, reci
         module.collect_outputs = False
         test = _strip(trainer.test(module, datamodule=datamodule, verbose=False)[0], "test/") \
             if datamodule.has_test else {}
-    if ranks.main:
-        plot_curves(rows, run_dir / "curves.png")
     train_s = timer.time_elapsed("train")
     images = _trained_images(len(datamodule.splits.train), trainer.current_epoch, limit_batches, recipe.batch_size)
     if not progress:
@@ -109,7 +113,9 @@ def train_epochs(module: TransferModule, datamodule: ImageFolderDataModule, reci
         training=("LP-FT: probed head, then " if probed else "") + f"{trainer.current_epoch} epoch(s) with Lightning",
         selection=f"epoch {'n/a' if best is None else best + 1} of {trainer.current_epoch}, best on validation "
                   "accuracy" + (f", {ema['sentence']}" if ema else ""),
-        val=val, test=test, val_logits=logits, val_labels=labels, epochs_run=trainer.current_epoch,
+        val=val, test=test, val_logits=logits, val_labels=labels,
+        val_files=_val_files(datamodule.splits.val, module.skipped_files, len(labels)),
+        epochs_run=trainer.current_epoch,
         best_epoch=best, timings={"train_s": train_s, "validate_s": timer.time_elapsed("validate")},
         train_images_per_s=images / train_s if train_s else math.nan, skipped=set(module.skipped_files),
         processes=processes, ema=ema)
@@ -130,6 +136,28 @@ def _keep_ema_or_raw(module: TransferModule, rows: list[dict[str, float]], best:
     name = {"ema": "moving-average (EMA) weights", "raw": "raw weights"}[kept]
     return {"kept": kept, "decay": module.recipe.ema_decay, "val_acc_raw": raw, "val_acc_ema": averaged,
             "sentence": f"{name} kept (val acc {max(raw, averaged):.4f}; raw {raw:.4f}, EMA {averaged:.4f})"}
+
+
+def _metrics_before(run_dir: Path, resume: ResumePoint | None) -> list[dict[str, str]]:
+    """The rows of ``metrics.csv`` an interrupted run logged before its checkpoint. Lightning's CSVLogger deletes
+    the file when it starts; without them a resumed run would pick its best epoch (and EMA or raw weights) among
+    the epochs after the resume only. Rows logged after the checkpoint are logged again by the resumed run."""
+    path = run_dir / "metrics.csv"
+    if resume is None or not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return [row for row in csv.DictReader(f) if row.get("step") and int(row["step"]) < resume.global_step]
+
+
+def _put_back(path: Path, earlier: list[dict[str, str]]) -> None:
+    """``earlier`` rows, then the resumed run's, under one header."""
+    later = list(csv.DictReader(path.open(newline=""))) if path.is_file() else []
+    names = sorted({k for row in earlier + later for k in row})
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=names)
+    writer.writeheader()
+    writer.writerows(earlier + later)
+    atomic_write_text(path, buffer.getvalue())
 
 
 def _loggers(run_dir: Path) -> list[Logger]:
@@ -166,6 +194,12 @@ def _load_best(module: TransferModule, checkpoint: ModelCheckpoint, ranks: Ranks
         state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"] \
             if ranks.main else None
         module.load_state_dict(ranks.broadcast(state))
+
+
+def _val_files(samples: Sequence[Sample], skipped: set[str], rows: int) -> list[str]:
+    """The file of each row of the validation logits: every rank scores the whole validation split in order,
+    the loader drops the files that did not decode, and ``limit_batches`` keeps the first ``rows``."""
+    return [str(s.path) for s in samples if str(s.path) not in skipped][:rows]
 
 
 def _strip(metrics: Mapping[str, float], prefix: str) -> dict[str, float]:

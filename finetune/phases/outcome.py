@@ -17,6 +17,8 @@ class Outcome:
     test: dict[str, float]  # its held-out test metrics ({} without a test split)
     val_logits: torch.Tensor  # for the calibration temperature
     val_labels: torch.Tensor
+    # the image file of each row of val_logits (rows of unreadable files are missing); None: not known
+    val_files: list[str] | None = None
     epochs_run: int = 0
     best_epoch: int | None = None
     kept: str = "trained"  # "probe" when the probed head beat every fine-tuned epoch (LP-FT)
@@ -30,3 +32,5 @@ class Outcome:
     frozen_cache: dict[str, Any] | None = None
     # the weights' moving average (recipe ema_decay): which of it and the raw weights was kept, and their scores
     ema: dict[str, Any] | None = None
+    # lr=auto: what lr-find's sweep suggested and the rate the epochs used (phases/lr_find.py)
+    lr_find: dict[str, Any] | None = None

@@ -4,10 +4,13 @@ recipes start fine-tuning from the probed head, which then competes with the fin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +26,14 @@ from ..files import atomic_write_bytes
 from ..model.classifier import Classifier
 from ..model.frozen_forward import FrozenPass, loader_workers
 from ..model.module import TransferModule, metrics_from_logits
-from ..model.probe import CachedFeatures, ProbeResult, extract_features, feature_pass, fit_linear_probe
+from ..model.probe import (
+    WEIGHT_DECAYS,
+    CachedFeatures,
+    ProbeResult,
+    extract_features,
+    feature_pass,
+    fit_linear_probe,
+)
 from ..progress import Phases
 from ..recipes import Recipe
 from ..runtime import Precision
@@ -53,6 +63,8 @@ class Probe:
 
     @property
     def selection(self) -> str:
+        if len(self.result.sweep) == 1:
+            return f"probe weight decay {self.result.weight_decay:g} set by the recipe (probe_weight_decay)"
         metric = "balanced accuracy" if self.result.selected_on == "val_balanced_acc" else "accuracy"
         return f"probe weight decay {self.result.weight_decay:g} chosen on validation {metric}"
 
@@ -97,7 +109,8 @@ def run_probe(classifier: Classifier, datamodule: ImageFolderDataModule, recipe:
     train = CachedFeatures(torch.cat([p.features for p in passes]), torch.cat([p.labels for p in passes]),
                            sorted({f for p in passes for f in p.skipped}), sum(p.seconds for p in passes))
     del passes  # the views' own copies: on a large set, hundreds of MB held through the fit for nothing
-    result = _fit_head(train, val, classifier.num_classes, class_weights, device) if ranks.main else None
+    result = _fit_head(train, val, classifier.num_classes, class_weights, device,
+                       recipe.probe_weight_decay) if ranks.main else None
     result = ranks.broadcast(result)
     classifier.set_linear_head(result.weight, result.bias, result.mean, result.std)
     probe = Probe(result, tuple(name for name, _, _ in views), int(train.features.shape[1]),
@@ -112,14 +125,15 @@ def run_probe(classifier: Classifier, datamodule: ImageFolderDataModule, recipe:
 
 
 def _fit_head(train: CachedFeatures, val: CachedFeatures, num_classes: int,
-              class_weights: Sequence[float] | None, device: Device) -> ProbeResult:
+              class_weights: Sequence[float] | None, device: Device, weight_decay: float = 0.0) -> ProbeResult:
     """L-BFGS on the accelerator when the features fit in its memory (features, their standardised copy and
     the gradients: about three copies), else on the CPU. The result comes back to the CPU."""
     nbytes = 3 * (train.features.nbytes + val.features.nbytes)
     if device.holds(nbytes):
         train, val = (dataclasses.replace(c, features=device.place(c.features), labels=device.place(c.labels))
                       for c in (train, val))
-    result = fit_linear_probe(train, val, num_classes, class_weights=class_weights)
+    decays = (weight_decay,) if weight_decay else WEIGHT_DECAYS  # a fixed one, or chosen on validation
+    result = fit_linear_probe(train, val, num_classes, decays, class_weights=class_weights)
     return dataclasses.replace(result, weight=result.weight.cpu(), bias=result.bias.cpu(), mean=result.mean.cpu(),
                                std=result.std.cpu())
 
@@ -165,9 +179,65 @@ def eval_features(classifier: Classifier, datamodule: ImageFolderDataModule, spl
                           plain.backend)
 
 
+# Feature passes kept in memory while ``remembered_features()`` is active, by what determines them.
+_remembered: dict[str, CachedFeatures] | None = None
+_views_made: weakref.WeakKeyDictionary[ImageFolderDataModule, int] = weakref.WeakKeyDictionary()  # per datamodule
+
+
+@contextlib.contextmanager
+def remembered_features() -> Iterator[None]:
+    """Within this block, a pass over a split that was computed before with the same frozen weights, head
+    layout, input transform and images is not computed again: ``finetune tune`` runs many fits that differ only
+    in what is done with the features (the probe's regularisation, the views kept), so its trials on the probe
+    path take seconds. Augmented views are remembered by their index: the n-th augmented view of a datamodule
+    with the same seed. Outside the block nothing is kept (a fit's features can be hundreds of MB)."""
+    global _remembered
+    outer, _remembered = _remembered, {} if _remembered is None else _remembered
+    try:
+        yield
+    finally:
+        _remembered = outer
+
+
+def _pass_key(classifier: Classifier, datamodule: ImageFolderDataModule, split: str, runner: FrozenPass,
+              augment: bool, mirror: bool) -> str:
+    """What a feature pass depends on: the frozen weights (a sample of every tensor: fine-tuned or other
+    pretrained weights differ everywhere), the pooled stages and ensemble members, the transform, the images,
+    the backend and, for augmented views, the seed and the view's index."""
+    digest = hashlib.sha256()
+    frozen = {**{f"backbone.{k}": v for k, v in classifier.backbone.state_dict().items()},
+              **{f"members.{k}": v for k, v in classifier.members.state_dict().items()}}
+    for name, tensor in frozen.items():
+        flat = tensor.detach().flatten()
+        digest.update(f"{name}:{tuple(tensor.shape)}:".encode())
+        digest.update(flat[:: max(1, flat.numel() // 32)].float().cpu().numpy().tobytes())
+    samples = {"train": datamodule.splits.train, "val": datamodule.splits.val, "test": datamodule.splits.test}[split]
+    view = _views_made.get(datamodule, 0) if augment else None
+    about = [classifier.multistage is not None, classifier.head_stages, sorted(datamodule.data_config.items()),
+             [str(s.path) for s in samples], [s.label for s in samples], runner.requested, split, mirror,
+             (datamodule.seed, view, sorted(datamodule.augment.items())) if augment else None]
+    digest.update(repr(about).encode())
+    return digest.hexdigest()
+
+
 def _extract(classifier: Classifier, datamodule: ImageFolderDataModule, split: str, runner: FrozenPass,
              step: Step | None = None, *, augment: bool = False, mirror: bool = False) -> CachedFeatures:
-    """One pass over ``split``; with several ranks each computes its share and every rank gets them all."""
+    """One pass over ``split``; with several ranks each computes its share and every rank gets them all.
+    Inside ``remembered_features()`` a pass computed before is returned as it was."""
+    if _remembered is None or datamodule.ranks.distributed:
+        return _compute(classifier, datamodule, split, runner, step, augment=augment, mirror=mirror)
+    key = _pass_key(classifier, datamodule, split, runner, augment, mirror)
+    if augment:
+        _views_made[datamodule] = _views_made.get(datamodule, 0) + 1
+    if key not in _remembered:
+        _remembered[key] = _compute(classifier, datamodule, split, runner, step, augment=augment, mirror=mirror)
+    elif step is not None:
+        step(len(_remembered[key].labels) + len(_remembered[key].skipped))
+    return _remembered[key]
+
+
+def _compute(classifier: Classifier, datamodule: ImageFolderDataModule, split: str, runner: FrozenPass,
+             step: Step | None = None, *, augment: bool = False, mirror: bool = False) -> CachedFeatures:
     workers = loader_workers(runner.requested, datamodule.num_workers)
     ranks = datamodule.ranks
     mine = extract_features(classifier, datamodule.feature_loader(split, augment, num_workers=workers, shard=True),
@@ -214,8 +284,17 @@ def finish_probe_only(module: TransferModule, probe: Probe, datamodule: ImageFol
     seconds = probe.features_s + probe.result.seconds
     return Outcome(training=f"probe: linear head by L-BFGS on cached features of the {', '.join(probe.views)}",
                    selection=probe.selection, val=val, test=test, val_logits=val_logits, val_labels=probe.val.labels,
+                   val_files=val_files(datamodule, probe),
                    timings={"train_s": seconds}, train_images_per_s=len(datamodule.splits.train) / seconds,
                    skipped=probe.skipped | skipped)
+
+
+def val_files(datamodule: ImageFolderDataModule, probe: Probe) -> list[str]:
+    """The file of each row of the probe's validation features: each rank's share (``Ranks.shard``) in rank
+    order, as ``_extract`` gathers them, without the files that did not decode."""
+    ranks, skipped = datamodule.ranks, set(probe.val.skipped)
+    shares = (dataclasses.replace(ranks, rank=rank).shard(datamodule.splits.val) for rank in range(ranks.world))
+    return [str(s.path) for share in shares for s in share if str(s.path) not in skipped]
 
 
 @dataclass
@@ -250,6 +329,7 @@ def keep_the_better(module: TransferModule, probed: ProbedModel, probe: Probe, o
              f"(best {outcome.val['acc']:.4f}) and was kept"
     return Outcome(training=f"{outcome.training}; {beaten}", selection=f"{probe.selection}; {beaten}",
                    val=probed.val, test=test, val_logits=probed.logits, val_labels=probe.val.labels,
+                   val_files=val_files(datamodule, probe),
                    epochs_run=outcome.epochs_run, best_epoch=None, kept="probe", timings=outcome.timings,
                    train_images_per_s=outcome.train_images_per_s, skipped=outcome.skipped | skipped,
                    processes=outcome.processes)

@@ -35,13 +35,15 @@ class ResumePoint:
     epoch: int
     batches_done: int
     recipe: dict[str, Any]  # the resolved recipe the checkpoint was trained with
+    global_step: int = 0  # optimizer steps done
 
     @classmethod
     def read(cls, path: Path) -> ResumePoint:
         state = torch.load(path, map_location="cpu", weights_only=True)
         progress = state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]
         # a checkpoint written in on_train_batch_end counts its batch as processed, not yet completed
-        return cls(path, int(state["epoch"]), int(progress["processed"]), state.get("recipe", {}))
+        return cls(path, int(state["epoch"]), int(progress["processed"]), state.get("recipe", {}),
+                   int(state.get("global_step", 0)))
 
 
 class SaveAndStop(pl.Callback):
