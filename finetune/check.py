@@ -37,7 +37,7 @@ from .data.transforms import build_transforms
 from .model.backbones import create_backbone
 from .model.classifier import Classifier
 from .model.probe import CachedFeatures, feature_pass, fit_linear_probe
-from .plots import _figure, _save
+from .plots import figure, save_figure
 from .recipes import Recipe
 from .resolution import choose_resolution
 
@@ -239,7 +239,7 @@ def augmentations(splits: DatasetSplits, data_config: dict[str, Any], recipe: Re
     mean, std = np.array(data_config["mean"]), np.array(data_config["std"])
     cols = 4
     rows = math.ceil(len(samples) / cols)
-    fig = _figure(2.2 * cols, 2.4 * rows)
+    fig = figure(2.2 * cols, 2.4 * rows)
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax, sample in zip(axes.flat, samples, strict=False):
         pixels = transform(image=load_rgb(sample.path))["image"].permute(1, 2, 0).numpy()
@@ -250,7 +250,7 @@ def augmentations(splits: DatasetSplits, data_config: dict[str, Any], recipe: Re
     fig.suptitle(f"training augmentation of {recipe.name}: scale_min {recipe.scale_min}, hflip {recipe.hflip}, "
                  f"color_jitter {recipe.color_jitter}" if augmented else
                  f"{recipe.name} trains on the images as they are (its probe has no augmented views)", fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)
     return CheckResult("augmentations", path.is_file(), f"{len(samples)} augmented images in {path}",
                        "look at it: the model sees these; the classes should still be recognisable")
 

@@ -26,13 +26,13 @@ DPI = 100
 CELL_NUMBERS_UP_TO = 20  # classes; above this the confusion matrix's cells are too small for their numbers
 
 
-def _figure(width: float, height: float) -> Figure:
+def figure(width: float, height: float) -> Figure:
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 
-def _save(fig: Figure, path: Path) -> Figure:
+def save_figure(fig: Figure, path: Path) -> Figure:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI)
     atomic_write_bytes(path, buffer.getvalue())
@@ -46,7 +46,7 @@ def plot_curves(rows: list[dict[str, float]], path: Path, *, probe: Mapping[str,
     the first epochs trained the head alone (shaded)."""
     if not rows:
         return None
-    fig = _figure(11, 4.2)
+    fig = figure(11, 4.2)
     ax_loss, ax_acc = fig.subplots(1, 2)
     epochs = [r["epoch"] + 1 for r in rows]
     series = [("train", "train (augmented)"), ("val", "validation")]
@@ -72,7 +72,7 @@ def plot_curves(rows: list[dict[str, float]], path: Path, *, probe: Mapping[str,
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_lr(series: Mapping[str, Sequence[tuple[int, float]]], path: Path,
@@ -84,7 +84,7 @@ def plot_lr(series: Mapping[str, Sequence[tuple[int, float]]], path: Path,
     names = sorted(series, key=_group_order)
     stages = [_stage(n) for n in names if _stage(n) is not None]
     top = max(stages, default=None)
-    fig = _figure(9, 4.5)
+    fig = figure(9, 4.5)
     ax = fig.subplots()
     colours = _colours(len(names))
     for name, colour in zip(names, colours, strict=True):
@@ -95,7 +95,7 @@ def plot_lr(series: Mapping[str, Sequence[tuple[int, float]]], path: Path,
         ax.axvline(step, color="grey", linestyle=":", linewidth=0.8, label="end of an epoch" if i == 0 else None)
     positive = [r for values in series.values() for _, r in values if r > 0]
     if positive:
-        _log_axis(ax, "y", min(positive), max(positive))
+        log_axis(ax, "y", min(positive), max(positive))
     ax.set(xlabel="training step", ylabel="learning rate", title="learning rate per parameter group")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3, which="both")
@@ -103,10 +103,10 @@ def plot_lr(series: Mapping[str, Sequence[tuple[int, float]]], path: Path,
         fig.legend(loc="outside right upper", fontsize=8)
     else:
         ax.legend(fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _log_axis(ax, which: str, low: float, high: float) -> None:
+def log_axis(ax, which: str, low: float, high: float) -> None:
     """A log scale whose tick labels are plain numbers (0.001, 1e-05): no mathtext, whose fonts some matplotlib
     installations lack; minor ticks are labelled only when the data span less than a decade."""
     from matplotlib.ticker import FuncFormatter, NullFormatter
@@ -144,7 +144,7 @@ def _colours(n: int) -> list:
 
 def plot_probe_sweep(sweep: list[dict[str, float]], path: Path, chosen: float | None = None) -> Figure:
     """Train and validation accuracy of the probe for each weight decay tried; ``chosen``: the one kept."""
-    fig = _figure(6.5, 4.2)
+    fig = figure(6.5, 4.2)
     ax = fig.subplots()
     decays = [row["weight_decay"] for row in sweep]
     ax.plot(decays, [row["train_acc"] for row in sweep], marker="o", label="train")
@@ -154,11 +154,11 @@ def plot_probe_sweep(sweep: list[dict[str, float]], path: Path, chosen: float | 
                 label="validation, balanced")
     if chosen is not None:
         ax.axvline(chosen, color="grey", linestyle=":", label=f"chosen: {chosen:g}")
-    _log_axis(ax, "x", min(decays), max(decays))
+    log_axis(ax, "x", min(decays), max(decays))
     ax.set(xlabel="weight decay", ylabel="top-1 accuracy", title="linear probe on cached features")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_confusion(confusion: np.ndarray, labels: Sequence[str], path: Path) -> Figure:
@@ -167,7 +167,7 @@ def plot_confusion(confusion: np.ndarray, labels: Sequence[str], path: Path) -> 
     n = len(labels)
     rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
     side = min(max(5.0, 0.42 * n + 3.0), 24.0)
-    fig = _figure(side + 1.5, side)
+    fig = figure(side + 1.5, side)
     ax = fig.subplots()
     image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     if n <= CELL_NUMBERS_UP_TO:
@@ -182,7 +182,7 @@ def plot_confusion(confusion: np.ndarray, labels: Sequence[str], path: Path) -> 
     ax.set_ylabel("true class", fontsize=big)
     ax.set_title(f"confusion matrix, rows normalised ({int(confusion.sum())} validation images)", fontsize=big)
     fig.colorbar(image, ax=ax, shrink=0.8).set_label("share of the true class's images", fontsize=big)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_per_class(rows: Sequence[Mapping], path: Path) -> Figure:
@@ -190,7 +190,7 @@ def plot_per_class(rows: Sequence[Mapping], path: Path) -> Figure:
     at the top. ``rows``: dicts with label, precision, recall, f1 and support."""
     ordered = sorted(rows, key=lambda r: (-r["f1"], r["label"]))  # drawn bottom-up: the worst F1 ends on top
     n = len(ordered)
-    fig = _figure(8.5, min(max(3.5, 0.27 * n + 1.8), 40.0))
+    fig = figure(8.5, min(max(3.5, 0.27 * n + 1.8), 40.0))
     ax = fig.subplots()
     y = np.arange(n)
     ax.barh(y, [r["f1"] for r in ordered], color="C0", alpha=0.75, label="F1")
@@ -204,7 +204,7 @@ def plot_per_class(rows: Sequence[Mapping], path: Path) -> Figure:
            title="per-class scores, worst F1 at the top")
     ax.grid(alpha=0.3, axis="x")
     fig.legend(loc="outside upper center", ncols=3, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_wrong(images: Sequence[tuple[np.ndarray, str]], path: Path, columns: int = 4) -> Figure | None:
@@ -214,7 +214,7 @@ def plot_wrong(images: Sequence[tuple[np.ndarray, str]], path: Path, columns: in
         return None
     columns = min(columns, len(images))
     rows = math.ceil(len(images) / columns)
-    fig = _figure(max(2.7 * columns, 5.0), 2.9 * rows + 0.6)
+    fig = figure(max(2.7 * columns, 5.0), 2.9 * rows + 0.6)
     axes = fig.subplots(rows, columns, squeeze=False).ravel()
     for ax, (image, title) in zip(axes, images, strict=False):
         ax.imshow(image, interpolation="nearest" if max(image.shape[:2]) < 96 else "antialiased")
@@ -222,13 +222,13 @@ def plot_wrong(images: Sequence[tuple[np.ndarray, str]], path: Path, columns: in
     for ax in axes:
         ax.axis("off")
     fig.suptitle("most confidently wrong validation images\n(wrong labels or hard cases)", fontsize=11)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_reliability(panels: Sequence[tuple[str, Mapping[str, Sequence[float]], float]], path: Path) -> Figure:
     """One reliability diagram per (title, bins, ECE): accuracy against mean confidence in equal-width confidence
     bins (``calibration.reliability_bins``), the gap to the mean confidence hatched, each bin's image count."""
-    fig = _figure(5.2 * len(panels), 4.6)
+    fig = figure(5.2 * len(panels), 4.6)
     axes = fig.subplots(1, len(panels), squeeze=False).ravel()
     for ax, (title, bins, ece) in zip(axes, panels, strict=True):
         n = len(bins["count"])
@@ -245,4 +245,4 @@ def plot_reliability(panels: Sequence[tuple[str, Mapping[str, Sequence[float]], 
                ylabel="accuracy in the bin", title=f"{title}: ECE {ece:.3f}")
         ax.grid(alpha=0.3)
         ax.legend(loc="upper left", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -48,7 +48,7 @@ from .model.guard import Diverged
 from .model.offline_sources import OFFLINE_SOURCES, offline_weights_ready
 from .phases.epochs import EMA_MONITOR, MONITOR
 from .phases.probe import remembered_features
-from .plots import _figure, _save
+from .plots import figure, log_axis, save_figure
 from .recipe_choice import inspect_dataset, resolve_recipe
 from .recipes import Recipe
 
@@ -379,7 +379,7 @@ def plot_search(rows: list[dict[str, Any]], path: Path, log_scaled: Sequence[str
     names = sorted({k for r in rows for k in r["params"]})
     cols = min(3, max(1, len(names)))
     nrows = max(1, math.ceil(len(names) / cols))
-    fig = _figure(4.2 * cols, 3.4 * nrows)
+    fig = figure(4.2 * cols, 3.4 * nrows)
     axes = fig.subplots(nrows, cols, squeeze=False)
     for ax, name in zip(axes.flat, names, strict=False):
         for state, filled in (("complete", True), ("pruned", False)):
@@ -396,7 +396,8 @@ def plot_search(rows: list[dict[str, Any]], path: Path, log_scaled: Sequence[str
             ax.scatter(xs, ys, s=40, label=f"{state} ({len(points)})", edgecolors="C0",
                        facecolors="C0" if filled else "none")
         if name in log_scaled:
-            ax.set_xscale("log")
+            values = [float(r["params"][name]) for r in rows if name in r["params"]]
+            log_axis(ax, "x", min(values), max(values))
         ax.set(xlabel=name, ylabel="validation accuracy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -404,4 +405,4 @@ def plot_search(rows: list[dict[str, Any]], path: Path, log_scaled: Sequence[str
         ax.axis("off")
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)

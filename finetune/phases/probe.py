@@ -17,13 +17,14 @@ from pathlib import Path
 import safetensors.torch
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from .. import runs
 from ..data import ImageFolderDataModule
 from ..device import Device
 from ..distributed import Ranks
 from ..files import atomic_write_bytes
-from ..model.classifier import Classifier
+from ..model.classifier import Classifier, pooled_features, stage_channels
 from ..model.frozen_forward import FrozenPass, loader_workers
 from ..model.module import TransferModule, metrics_from_logits
 from ..model.probe import (
@@ -199,13 +200,47 @@ def remembered_features() -> Iterator[None]:
         _remembered = outer
 
 
+# A remembered pass holds the pooled outputs of the backbone's top stages (at most this many: the most
+# finetune tune's search tries) and its final features, so that every head layout reads a slice of one pass.
+WIDE_STAGES = 4
+_wide_runners: weakref.WeakKeyDictionary[Classifier, FrozenPass] = weakref.WeakKeyDictionary()
+
+
+class _TopStages(nn.Module):
+    """The pooled outputs of ``stages`` and the final pooled features, side by side."""
+
+    def __init__(self, backbone: nn.Module, stages: list[int]) -> None:
+        super().__init__()
+        self.backbone, self.stages = backbone, stages
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat(pooled_features(self.backbone, x, self.stages), dim=1)
+
+
+def _wide(classifier: Classifier) -> tuple[list[int], torch.Tensor] | None:
+    """The stages of the wide pass and the columns of it that are ``classifier.head_features``; None when they
+    are not a slice of it (ensemble members, more stages, a backbone without feature stages)."""
+    info = getattr(classifier.backbone, "feature_info", None)
+    if classifier.members or not info:
+        return None
+    stages = list(range(max(0, len(info) - WIDE_STAGES), len(info)))
+    if not set(classifier.head_stages) <= set(stages):
+        return None
+    widths = stage_channels(classifier.backbone, stages)
+    starts = [sum(widths[:i]) for i in range(len(widths))]
+    keep = [i for i, stage in enumerate(stages) if stage in classifier.head_stages] + [len(stages)]
+    return stages, torch.cat([torch.arange(starts[i], starts[i] + widths[i]) for i in keep])
+
+
 def _pass_key(classifier: Classifier, datamodule: ImageFolderDataModule, split: str, runner: FrozenPass,
               augment: bool, mirror: bool) -> str:
     """What a feature pass depends on: the frozen weights (a sample of every tensor: fine-tuned or other
     pretrained weights differ everywhere), the pooled stages and ensemble members, the transform, the images,
     the backend and, for augmented views, the seed and the view's index."""
     digest = hashlib.sha256()
-    frozen = {**{f"backbone.{k}": v for k, v in classifier.backbone.state_dict().items()},
+    head = {id(p) for p in classifier.backbone.get_classifier().parameters()}  # a linear head: not a feature
+    frozen = {**{f"backbone.{k}": v for k, v in classifier.backbone.state_dict(keep_vars=True).items()
+                 if id(v) not in head},
               **{f"members.{k}": v for k, v in classifier.members.state_dict().items()}}
     for name, tensor in frozen.items():
         flat = tensor.detach().flatten()
@@ -213,7 +248,9 @@ def _pass_key(classifier: Classifier, datamodule: ImageFolderDataModule, split: 
         digest.update(flat[:: max(1, flat.numel() // 32)].float().cpu().numpy().tobytes())
     samples = {"train": datamodule.splits.train, "val": datamodule.splits.val, "test": datamodule.splits.test}[split]
     view = _views_made.get(datamodule, 0) if augment else None
-    about = [classifier.multistage is not None, classifier.head_stages, sorted(datamodule.data_config.items()),
+    wide = _wide(classifier)
+    layout = ("top", wide[0]) if wide else (classifier.multistage is not None, classifier.head_stages)
+    about = [layout, sorted(datamodule.data_config.items()),
              [str(s.path) for s in samples], [s.label for s in samples], runner.requested, split, mirror,
              (datamodule.seed, view, sorted(datamodule.augment.items())) if augment else None]
     digest.update(repr(about).encode())
@@ -223,17 +260,26 @@ def _pass_key(classifier: Classifier, datamodule: ImageFolderDataModule, split: 
 def _extract(classifier: Classifier, datamodule: ImageFolderDataModule, split: str, runner: FrozenPass,
              step: Step | None = None, *, augment: bool = False, mirror: bool = False) -> CachedFeatures:
     """One pass over ``split``; with several ranks each computes its share and every rank gets them all.
-    Inside ``remembered_features()`` a pass computed before is returned as it was."""
+    Inside ``remembered_features()`` a pass computed before is returned as it was: the wide pass of the top
+    ``WIDE_STAGES`` stages, computed once, and sliced to the classifier's head layout."""
     if _remembered is None or datamodule.ranks.distributed:
         return _compute(classifier, datamodule, split, runner, step, augment=augment, mirror=mirror)
     key = _pass_key(classifier, datamodule, split, runner, augment, mirror)
     if augment:
         _views_made[datamodule] = _views_made.get(datamodule, 0) + 1
+    wide = _wide(classifier)
     if key not in _remembered:
+        if wide:
+            if classifier not in _wide_runners:
+                _wide_runners[classifier] = FrozenPass(_TopStages(classifier.backbone, wide[0]),
+                                                       backend=runner.requested, device=runner.device,
+                                                       **runner.options)
+            runner = _wide_runners[classifier]
         _remembered[key] = _compute(classifier, datamodule, split, runner, step, augment=augment, mirror=mirror)
     elif step is not None:
         step(len(_remembered[key].labels) + len(_remembered[key].skipped))
-    return _remembered[key]
+    found = _remembered[key]
+    return dataclasses.replace(found, features=found.features[:, wide[1]]) if wide else found
 
 
 def _compute(classifier: Classifier, datamodule: ImageFolderDataModule, split: str, runner: FrozenPass,
