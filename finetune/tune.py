@@ -27,6 +27,7 @@ hyperparameter, ``STUDY/trials.csv`` every trial, ``STUDY/trials/NNN`` their run
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import math
@@ -146,13 +147,14 @@ def tune(data_dir: str | Path, *, trials: int, recipe: str | Path = "auto",
         if base.trains_epochs:
             fixed.setdefault("epochs", min(base.epochs, base.freeze_epochs + epochs_per_trial))
             fixed.setdefault("early_stopping", 0)
+        split_file = _search_split(data_dir, study_dir, seed)
         study = _open_study(study_dir, sampler, seed)
         done = _finished(study)
         budget_s = None if budget_minutes is None else budget_minutes * 60
         stop = _Stop(trials, budget_s, started)
         if done < trials:
-            objective = _Objective(data_dir, base, fixed, space, study_dir, seed, num_workers, on_trial)
-            with remembered_features(), _quiet_fits():
+            objective = _Objective(data_dir, base, fixed, space, study_dir, seed, num_workers, on_trial, split_file)
+            with remembered_features(), _quiet_fits(split_file):
                 study.optimize(objective, n_trials=trials - done + MAX_RETRIES * trials, callbacks=[stop])
         else:
             stop.reason = f"the study already holds {done} finished trial(s)"
@@ -173,6 +175,31 @@ def _base_recipe(data_dir: Path, recipe: str | Path, overrides: Mapping[str, Any
             name = recipes.choose(len(splits.train) / len(splits.classes))[0]
     chosen, _ = resolve_recipe(name, 0, overrides=overrides)
     return chosen
+
+
+def _search_split(data_dir: Path, study_dir: Path, seed: int) -> Path:
+    """``STUDY/split.json``: the folder's training and validation images, as ``fit`` would split them, without
+    the test split, so that no trial reads it; written once, so that a continued study keeps it."""
+    path = study_dir / "split.json"
+    if not path.is_file():
+        splits = load_splits(data_dir, seed=seed)
+        if splits.test:
+            log.info("the test split (%d images) is left out of the search: `finetune fit --recipe %s` scores the "
+                     "best recipe on it", len(splits.test), study_dir / "best.toml")
+        dataclasses.replace(splits, test=[]).save(path)
+    return path
+
+
+class _LeftOut(logging.Filter):
+    """Drops the data scan's warning that the test images are not in the search's split file."""
+
+    def __init__(self, split_file: Path) -> None:
+        super().__init__()
+        self.split_file = str(split_file)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg.startswith("%d images in %s are not in split file") and
+                    str(record.args[2]) == self.split_file)
 
 
 @contextlib.contextmanager
@@ -262,8 +289,8 @@ class _Pruning(pl.Callback):
 
 class _Objective:
     def __init__(self, data_dir: Path, base: Recipe, fixed: dict[str, Any], space: list[Param], study_dir: Path,
-                 seed: int, num_workers: int | None, on_trial: Any) -> None:
-        self.data_dir, self.base, self.fixed, self.space = data_dir, base, fixed, space
+                 seed: int, num_workers: int | None, on_trial: Any, split_file: Path) -> None:
+        self.data_dir, self.base, self.fixed, self.space, self.split_file = data_dir, base, fixed, space, split_file
         self.study_dir, self.seed, self.num_workers, self.on_trial = study_dir, seed, num_workers, on_trial
 
     def __call__(self, trial: optuna.Trial) -> float:
@@ -283,6 +310,7 @@ class _Objective:
             record["retry_of"] = retried
         try:
             result = fit(self.data_dir, self.base, overrides=self.fixed | values, out=run_dir, seed=self.seed,
+                         split_file=self.split_file,
                          progress=False, export=None, num_workers=self.num_workers,
                          callbacks=[pruning] if pruning else ())
         except Diverged as e:
@@ -306,15 +334,19 @@ class _Objective:
 
 
 @contextlib.contextmanager
-def _quiet_fits() -> Iterator[None]:
+def _quiet_fits(split_file: Path) -> Iterator[None]:
     """A trial's fit says what a single fit says; the search prints one line per trial instead."""
     logger = logging.getLogger("finetune")
-    level = logger.level
+    level, left_out = logger.level, _LeftOut(split_file)
     logger.setLevel(max(level, logging.WARNING))
+    for handler in logging.getLogger().handlers + logger.handlers:
+        handler.addFilter(left_out)
     try:
         yield
     finally:
         logger.setLevel(level)
+        for handler in logging.getLogger().handlers + logger.handlers:
+            handler.removeFilter(left_out)
 
 
 def _write_results(study: optuna.Study, study_dir: Path, base: Recipe, data_dir: Path, seed: int, reason: str,
@@ -334,8 +366,9 @@ def _write_results(study: optuna.Study, study_dir: Path, base: Recipe, data_dir:
     atomic_write_text(best_recipe, "\n".join(header + [line for line in resolved if not line.startswith("# resolved")])
                       + "\n")
     _write_csv(study_dir / "trials.csv", rows)
-    log_scaled = [p.name for p in search_space(base, [base.model]) if p.log]
-    plot_search(rows, study_dir / "tune.png", log_scaled, title=f"finetune tune: {base.name} on {data_dir.name}")
+    space = search_space(base, [base.model])
+    plot_search(rows, study_dir / "tune.png", [p.name for p in space if p.log],
+                title=f"finetune tune: {base.name} on {data_dir.name}", integer=[p.name for p in space if p.integer])
     summary = {"study": str(study_dir / "study.db"), "recipe": base.name, "data_dir": str(data_dir), "seed": seed,
                "stopped": reason, "budget_s": budget_s, "seconds": time.monotonic() - started,
                "best": {"trial": best.number, "value": best.value, "params": best.params,
@@ -372,10 +405,11 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
-def plot_search(rows: list[dict[str, Any]], path: Path, log_scaled: Sequence[str] = (), title: str = "") -> Any:
+def plot_search(rows: list[dict[str, Any]], path: Path, log_scaled: Sequence[str] = (), title: str = "",
+                integer: Sequence[str] = ()) -> Any:
     """Validation accuracy against each searched field, one panel per field: completed trials filled, pruned
-    ones hollow at the last accuracy they reported. Log axes for the ``log_scaled`` fields. Returns the
-    figure, for inspection."""
+    ones hollow at the last accuracy they reported. Log axes for the ``log_scaled`` fields, whole-number ticks
+    for the ``integer`` ones. Returns the figure, for inspection."""
     names = sorted({k for r in rows for k in r["params"]})
     cols = min(3, max(1, len(names)))
     nrows = max(1, math.ceil(len(names) / cols))
@@ -398,6 +432,8 @@ def plot_search(rows: list[dict[str, Any]], path: Path, log_scaled: Sequence[str
         if name in log_scaled:
             values = [float(r["params"][name]) for r in rows if name in r["params"]]
             log_axis(ax, "x", min(values), max(values))
+        if name in integer:
+            ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set(xlabel=name, ylabel="validation accuracy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -4,7 +4,9 @@ goes on after its process was killed."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -47,7 +49,14 @@ def test_every_searched_field_acts_on_the_recipe_s_training_path(name, cached):
         assert {"probe_weight_decay", "flip_views", "feature_views", "head", "model"} <= names
 
 
-def test_a_probe_study_writes_a_best_recipe_that_fit_reproduces(folder, tmp_path):
+def test_a_probe_study_writes_a_best_recipe_that_fit_reproduces(folder, tmp_path, caplog):
+    held_out = tmp_path / "data"  # the module's folder, with a test split the search must not read
+    shutil.copytree(folder, held_out)
+    for image in sorted((held_out / "train").glob("*/*"))[::4]:
+        (held_out / "test" / image.parent.name).mkdir(parents=True, exist_ok=True)
+        image.rename(held_out / "test" / image.parent.name / image.name)
+    folder = held_out
+    caplog.set_level(logging.INFO, logger="finetune")
     study = tmp_path / "study"
     keys, computed = [], []
     real_key, real_compute = probe_phase._pass_key, probe_phase._compute
@@ -71,6 +80,11 @@ def test_a_probe_study_writes_a_best_recipe_that_fit_reproduces(folder, tmp_path
                 num_workers=0)
     kept = json.loads((study / "trials" / f"{result.best_trial:03d}" / "summary.json").read_text())["val"]
     assert again.val["acc"] == result.best_value == kept["acc"]
+    # no trial read the test split (and none said that its images were left out); the refit scores it
+    assert all(json.loads((study / "trials" / f"{t['number']:03d}" / "summary.json").read_text())["test"] == {}
+               for t in trials)
+    assert json.loads((study / "split.json").read_text())["test"] == [] and again.test["acc"] > 0
+    assert "not in split file" not in caplog.text and "left out of the search" in caplog.text
     assert again.val["loss"] == pytest.approx(kept["loss"], rel=1e-4)
     header = result.best_recipe.read_text().splitlines()[:2]
     assert f"trial {result.best_trial}" in header[0] and "finetune fit" in header[1]
