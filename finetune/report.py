@@ -241,6 +241,11 @@ def _training(run_dir: Path, summary: dict[str, Any], rows: list[dict[str, float
     else:
         blocks += ["`metrics.csv` has no learning rates: `lr/<group>` is logged every 5 training steps, and this run "
                    "had fewer or was written by an older finetune."]
+    found = summary.get("lr_find")
+    if found and (run_dir / "lr_find.png").is_file():  # fit --set lr=auto: the sweep that chose the rate
+        blocks += [f"The learning rate came from lr-find (`--set lr=auto`): a sweep of {found['steps_run']} steps "
+                   f"suggested {found['suggested']:.2g} ({found['rule']} rule), and the run trained at "
+                   f"{found['lr']:.2g}.", Image("lr_find.png")]
     return blocks + ([Image("probe.png")] if "probe.png" in figures else [])
 
 

@@ -206,6 +206,8 @@ def test_fit_with_lr_auto_trains_at_the_rate_lr_find_suggests(folder, tmp_path, 
     assert summary["lr_find"]["rule"] == "valley" and summary["lr_find"]["suggested"] == pytest.approx(found, rel=0.05)
     assert result.recipe.lr == found == recipes.load(run / "recipe.toml").lr  # a resume reads this number
     assert "suggested by lr-find" in (run / "recipe.toml").read_text().splitlines()[0]
+    report = (run / "report.md").read_text()  # the report shows the sweep that chose the rate
+    assert f"trained at {found:.2g}" in report and "(lr_find.png)" in report
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["recipe"]["lr"] == found
     assert checkpoint["lr_schedulers"][0]["base_lrs"][0] == found  # the head's group trained at it

@@ -118,7 +118,9 @@ def test_cli_fit_and_errors(tiny_folder, tmp_path, capsys):
                  "--no-pretrained", "--epochs", "1", "--set", "batch_size=8", "--out", str(tmp_path / "cli"),
                  "--no-progress", "--workers", "0"])
     assert code == 0
-    assert "validation accuracy (also used for selection; no test split):" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "validation accuracy (also used for selection; no test split):" in printed
+    assert f"report: {tmp_path / 'cli' / 'report.html'}" in printed.replace("\n", "")
     summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
     assert summary["export"]["onnx"]["passed"]  # fit exports and parity-checks by default
     assert (tmp_path / "cli" / "export" / "model.onnx").is_file()

@@ -200,6 +200,8 @@ def print_fit_result(result: Any) -> None:
                   f"({s['inference']['backbone_passes_per_image']} backbone pass(es) per image)", markup=False,
                   highlight=False)
     out.print(f"run folder: {result.run_dir}", markup=False, highlight=False)
+    if (result.run_dir / "report.html").is_file():
+        out.print(f"report: {result.run_dir / 'report.html'} (and report.md)", markup=False, highlight=False)
     out.print(headline(result), highlight=False)
 
 
