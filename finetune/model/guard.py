@@ -10,7 +10,8 @@ ratio of each parameter group (../shared/METHOD.md, "babysitting").
 - ``train/grad_norm``: the global L2 norm of the gradients before clipping (``gradient_clip`` clips it), and
   ``update_ratio/<group>``: ||step of the group's weights|| / ||weights||, every ``log_every_n_steps`` steps, in
   ``metrics.csv``. About 1e-3 is healthy; a group far from it (below ``LOW`` or above ``HIGH``) while it trains
-  at half its peak rate or more (not in its warm-up, not late in the decay) is named in one warning per run.
+  at half its peak rate or more (not in its warm-up, not late in the decay) is named once per run, the
+  groups found at one step in one warning.
 - ``lr/<group>``: the learning rate each parameter group (head, stage<i>) steps with, at the same steps: the
   schedule that the run report plots (its ``.no_decay`` part steps at the same rate and is not repeated).
 """
@@ -105,6 +106,7 @@ class TrainingSignals(pl.Callback):
         if not self.before:
             return
         groups = {_name(g, i): g["params"] for i, g in enumerate(trainer.optimizers[0].param_groups)}
+        far: dict[str, float] = {}
         for name, old in self.before.items():
             new = groups[name]
             step = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm((n.detach() - o).float())
@@ -113,10 +115,16 @@ class TrainingSignals(pl.Callback):
             ratio = float(step / size) if float(size) > 0 else 0.0
             pl_module.log(f"update_ratio/{name}", ratio, on_step=True, on_epoch=False, batch_size=1)
             if ratio and not LOW <= ratio <= HIGH and name not in self.warned and name in self.full_rate:
-                self.warned.add(name)
-                log.warning("update-to-weight ratio of group %s is %.1e at step %d (healthy: about 1e-3, "
-                            "between %g and %g): its learning rate is probably too %s", name, ratio,
-                            trainer.global_step, LOW, HIGH, "low" if ratio < LOW else "high")
+                far[name] = ratio
+        if far:
+            self.warned |= far.keys()
+            low = ", ".join(f"{name} {ratio:.1e}" for name, ratio in far.items() if ratio < LOW)
+            high = ", ".join(f"{name} {ratio:.1e}" for name, ratio in far.items() if ratio > HIGH)
+            log.warning("update-to-weight ratios far from about 1e-3 at step %d (healthy between %g and %g): %s",
+                        trainer.global_step, LOW, HIGH, "; ".join(
+                            ([f"too low, barely trained: {low} (their rate is lr x backbone_lr_scale x "
+                              "layer_decay^k for the k-th stage from the top: raise one)"] if low else []) +
+                            ([f"too high: {high} (lower lr)"] if high else [])))
         self.before = {}
 
     @staticmethod
