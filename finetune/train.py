@@ -490,7 +490,7 @@ def _auto_lr(module: TransferModule, datamodule: ImageFolderDataModule, r: Recip
     """``lr=auto``: lr-find's sweep on the module as the epochs will start it; its suggestion becomes the recipe's
     ``lr``, in ``recipe.toml`` too (what a resumed run reads), the sweep in ``RUN/lr_find.{png,csv,json}``."""
     finding = find_lr(module, datamodule, r, device=device, precision=prec, progress=progress)
-    write_lr_find(finding, run_dir, _lr_find_title(finding, run_dir.name))
+    write_lr_find(finding, run_dir, _lr_find_title(finding, Path(datamodule.splits.root).resolve().name))
     finding.checked()
     log.info("lr-find: suggested %.2g (%s), using %.2g", finding.suggested, finding.rule, finding.lr)
     found = r.override({"lr": finding.lr})
