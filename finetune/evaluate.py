@@ -22,6 +22,7 @@ import numpy as np
 from .data.paths import is_ignored
 from .errors import UsageError
 from .files import atomic_write_bytes, atomic_write_json
+from .plots import plot_confusion
 from .predict import DEFAULT_BATCH_SIZE, Predictor, find_images, load
 
 
@@ -140,7 +141,7 @@ def write_evaluation(result: Evaluation, out: Path) -> None:
         ["true \\ predicted", *result.labels],
         ([label, *row] for label, row in zip(result.labels, result.confusion.tolist(), strict=True))))
     atomic_write_bytes(out / "predictions.csv", _csv(["path", "true", "predicted", "score"], result.predictions))
-    plot_confusion(result.confusion, result.labels, out / "confusion.png")
+    plot_confusion(result.confusion, result.labels, out / "confusion.png", images="images")
     atomic_write_json(out / "metrics.json", result.to_dict())
 
 
@@ -150,34 +151,3 @@ def _csv(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> bytes:
     writer.writerow(header)
     writer.writerows(rows)
     return buffer.getvalue().encode()
-
-
-def plot_confusion(confusion: np.ndarray, labels: Sequence[str], path: Path) -> None:
-    """Rows normalised to recall for the colours, raw counts as the numbers."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(labels)
-    rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
-    size = max(4.0, 0.55 * n + 2)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
-    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    if n <= 30:
-        for i in range(n):
-            for j in range(n):
-                if confusion[i, j]:
-                    ax.text(j, i, str(confusion[i, j]), ha="center", va="center", fontsize=8,
-                            color="white" if rates[i, j] > 0.5 else "black")
-    ax.set_xticks(range(n), labels, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(n), labels, fontsize=8)
-    ax.set(xlabel="predicted", ylabel="true", title=f"confusion matrix ({int(confusion.sum())} images)")
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
-
-

@@ -161,9 +161,11 @@ def plot_probe_sweep(sweep: list[dict[str, float]], path: Path, chosen: float | 
     return save_figure(fig, path)
 
 
-def plot_confusion(confusion: np.ndarray, labels: Sequence[str], path: Path) -> Figure:
+def plot_confusion(confusion: np.ndarray, labels: Sequence[str], path: Path, images: str = "validation images"
+                   ) -> Figure:
     """The confusion matrix with each row divided by its true class's images (a row sums to 1; the diagonal is
-    each class's recall); the shares are written in the cells up to ``CELL_NUMBERS_UP_TO`` classes."""
+    each class's recall); the shares are written in the cells up to ``CELL_NUMBERS_UP_TO`` classes. ``images``
+    names what was counted, in the title."""
     n = len(labels)
     rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
     side = min(max(5.0, 0.42 * n + 3.0), 24.0)
@@ -180,7 +182,7 @@ def plot_confusion(confusion: np.ndarray, labels: Sequence[str], path: Path) -> 
     ax.set_yticks(range(n), labels, fontsize=font)
     ax.set_xlabel("predicted class", fontsize=big)
     ax.set_ylabel("true class", fontsize=big)
-    ax.set_title(f"confusion matrix, rows normalised ({int(confusion.sum())} validation images)", fontsize=big)
+    ax.set_title(f"confusion matrix, rows normalised ({int(confusion.sum())} {images})", fontsize=big)
     fig.colorbar(image, ax=ax, shrink=0.8).set_label("share of the true class's images", fontsize=big)
     return save_figure(fig, path)
 
