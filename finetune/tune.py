@@ -21,8 +21,9 @@ The search space follows the recipe's training path, so that every field a trial
 The study lives in ``STUDY/study.db`` (SQLite). Trials send heartbeats: a trial killed mid-way (SIGKILL, power
 cut) is marked failed when the study is opened again and run again with the same values; the trials that
 finished are kept. ``STUDY/best.toml`` is the best trial's recipe, ``STUDY/tune.png`` its score against each
-hyperparameter, ``STUDY/trials.csv`` every trial, ``STUDY/trials/NNN`` their run folders.
-"""
+hyperparameter, ``STUDY/trials.csv`` every trial, ``STUDY/trials/NNN`` their run folders, ``STUDY/features``
+the remembered feature passes (read back when the study continues), ``STUDY/split.json`` the images the trials
+use (training and validation: no trial reads the test split)."""
 
 from __future__ import annotations
 
@@ -154,7 +155,7 @@ def tune(data_dir: str | Path, *, trials: int, recipe: str | Path = "auto",
         stop = _Stop(trials, budget_s, started)
         if done < trials:
             objective = _Objective(data_dir, base, fixed, space, study_dir, seed, num_workers, on_trial, split_file)
-            with remembered_features(), _quiet_fits(split_file):
+            with remembered_features(study_dir / "features"), _quiet_fits(split_file):
                 study.optimize(objective, n_trials=trials - done + MAX_RETRIES * trials, callbacks=[stop])
         else:
             stop.reason = f"the study already holds {done} finished trial(s)"

@@ -118,6 +118,31 @@ def test_remembered_features_are_the_ones_a_fit_computes(folder, tmp_path, recip
     assert again.val["acc"] == plain.val["acc"]
 
 
+def test_remembered_features_written_to_a_folder_serve_a_later_process(folder, tmp_path):
+    def run(out):
+        return fit(folder, "small-similar", overrides=TINY | {"feature_views": 1}, out=tmp_path / out,
+                   progress=False, export=None, num_workers=0)
+
+    stored = tmp_path / "features"
+    computed = []
+    real = probe_phase._compute
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(probe_phase, "_compute", lambda *a, **k: computed.append(a[2]) or real(*a, **k))
+        with probe_phase.remembered_features(stored):
+            first = run("first")
+        passes = len(computed)
+        files = sorted(stored.glob("*.safetensors"))
+        assert passes and len(files) == passes  # train, its mirror, one augmented view, val
+        with probe_phase.remembered_features(stored):  # nothing in memory: as a new process
+            again = run("again")
+        assert len(computed) == passes
+        files[0].write_bytes(b"torn")  # a file that cannot be read is computed again and replaced
+        with probe_phase.remembered_features(stored):
+            third = run("third")
+        assert len(computed) == passes + 1 and probe_phase._read_pass(files[0]) is not None
+    assert first.val == again.val == third.val
+
+
 def test_the_median_rule_stops_a_trial_below_the_others():
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(n_startup_trials=2))
     for value in (0.8, 0.9):

@@ -180,24 +180,49 @@ def eval_features(classifier: Classifier, datamodule: ImageFolderDataModule, spl
                           plain.backend)
 
 
-# Feature passes kept in memory while ``remembered_features()`` is active, by what determines them.
+# Feature passes kept in memory while ``remembered_features()`` is active, by what determines them, and the
+# folder they are also written to (None: memory only).
 _remembered: dict[str, CachedFeatures] | None = None
+_stored_in: Path | None = None
 _views_made: weakref.WeakKeyDictionary[ImageFolderDataModule, int] = weakref.WeakKeyDictionary()  # per datamodule
 
 
 @contextlib.contextmanager
-def remembered_features() -> Iterator[None]:
+def remembered_features(folder: str | Path | None = None) -> Iterator[None]:
     """Within this block, a pass over a split that was computed before with the same frozen weights, head
     layout, input transform and images is not computed again: ``finetune tune`` runs many fits that differ only
     in what is done with the features (the probe's regularisation, the views kept), so its trials on the probe
     path take seconds. Augmented views are remembered by their index: the n-th augmented view of a datamodule
-    with the same seed. Outside the block nothing is kept (a fit's features can be hundreds of MB)."""
-    global _remembered
+    with the same seed. Outside the block nothing is kept (a fit's features can be hundreds of MB).
+
+    With ``folder``, each pass is also written there (``<key>.safetensors``) and read back by a later process:
+    a study continued after a kill does not compute its passes again. A file that cannot be read is computed
+    again and replaced."""
+    global _remembered, _stored_in
     outer, _remembered = _remembered, {} if _remembered is None else _remembered
+    outer_folder, _stored_in = _stored_in, Path(folder) if folder is not None else _stored_in
     try:
         yield
     finally:
-        _remembered = outer
+        _remembered, _stored_in = outer, outer_folder
+
+
+def _read_pass(path: Path) -> CachedFeatures | None:
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            return CachedFeatures(f.get_tensor("features"), f.get_tensor("labels"), json.loads(meta["skipped"]),
+                                  float(meta["seconds"]), meta["backend"])
+    except Exception as e:  # noqa: BLE001 - a torn or foreign file: computed again
+        log.warning("remembered features %s cannot be read (%s); computing them again", path, e)
+        return None
+
+
+def _write_pass(path: Path, found: CachedFeatures) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, safetensors.torch.save(
+        {"features": found.features.contiguous(), "labels": found.labels.contiguous()},
+        metadata={"skipped": json.dumps(found.skipped), "seconds": str(found.seconds), "backend": found.backend}))
 
 
 # A remembered pass holds the pooled outputs of the backbone's top stages (at most this many: the most
@@ -268,6 +293,14 @@ def _extract(classifier: Classifier, datamodule: ImageFolderDataModule, split: s
     if augment:
         _views_made[datamodule] = _views_made.get(datamodule, 0) + 1
     wide = _wide(classifier)
+    stored = _stored_in / f"{key}.safetensors" if _stored_in is not None else None
+    if key not in _remembered and stored is not None and stored.is_file():
+        read = _read_pass(stored)
+        if read is not None:
+            _remembered[key] = read
+            if step is not None:
+                step(len(read.labels) + len(read.skipped))
+            step = None
     if key not in _remembered:
         if wide:
             if classifier not in _wide_runners:
@@ -276,6 +309,8 @@ def _extract(classifier: Classifier, datamodule: ImageFolderDataModule, split: s
                                                        **runner.options)
             runner = _wide_runners[classifier]
         _remembered[key] = _compute(classifier, datamodule, split, runner, step, augment=augment, mirror=mirror)
+        if stored is not None:
+            _write_pass(stored, _remembered[key])
     elif step is not None:
         step(len(_remembered[key].labels) + len(_remembered[key].skipped))
     found = _remembered[key]
