@@ -155,7 +155,7 @@ def tune(data_dir: str | Path, *, trials: int, recipe: str | Path = "auto",
         stop = _Stop(trials, budget_s, started)
         if done < trials:
             objective = _Objective(data_dir, base, fixed, space, study_dir, seed, num_workers, on_trial, split_file)
-            with remembered_features(study_dir / "features"), _quiet_fits(split_file):
+            with remembered_features(study_dir / "features"), _quiet_fits():
                 study.optimize(objective, n_trials=trials - done + MAX_RETRIES * trials, callbacks=[stop])
         else:
             stop.reason = f"the study already holds {done} finished trial(s)"
@@ -187,20 +187,8 @@ def _search_split(data_dir: Path, study_dir: Path, seed: int) -> Path:
         if splits.test:
             log.info("the test split (%d images) is left out of the search: `finetune fit --recipe %s` scores the "
                      "best recipe on it", len(splits.test), study_dir / "best.toml")
-        dataclasses.replace(splits, test=[]).save(path)
+        dataclasses.replace(splits, test=[], left_out=("test",)).save(path)
     return path
-
-
-class _LeftOut(logging.Filter):
-    """Drops the data scan's warning that the test images are not in the search's split file."""
-
-    def __init__(self, split_file: Path) -> None:
-        super().__init__()
-        self.split_file = str(split_file)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.msg.startswith("%d images in %s are not in split file") and
-                    str(record.args[2]) == self.split_file)
 
 
 @contextlib.contextmanager
@@ -335,19 +323,15 @@ class _Objective:
 
 
 @contextlib.contextmanager
-def _quiet_fits(split_file: Path) -> Iterator[None]:
+def _quiet_fits() -> Iterator[None]:
     """A trial's fit says what a single fit says; the search prints one line per trial instead."""
     logger = logging.getLogger("finetune")
-    level, left_out = logger.level, _LeftOut(split_file)
+    level = logger.level
     logger.setLevel(max(level, logging.WARNING))
-    for handler in logging.getLogger().handlers + logger.handlers:
-        handler.addFilter(left_out)
     try:
         yield
     finally:
         logger.setLevel(level)
-        for handler in logging.getLogger().handlers + logger.handlers:
-            handler.removeFilter(left_out)
 
 
 def _write_results(study: optuna.Study, study_dir: Path, base: Recipe, data_dir: Path, seed: int, reason: str,

@@ -59,6 +59,9 @@ class DatasetSplits:
     val: list[Sample]
     test: list[Sample] = field(default_factory=list)
     split_source: SplitSource = "generated"
+    # splits of the folder left out on purpose (``finetune tune`` leaves out "test"): their images are not
+    # "missing from the split file" when it is reused
+    left_out: tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -78,6 +81,7 @@ class DatasetSplits:
             "split_source": self.split_source,
             "classes": list(self.classes),
             **{name: self._relative(getattr(self, name)) for name in ("train", "val", "test")},
+            **({"left_out": list(self.left_out)} if self.left_out else {}),
         }
 
     def to_json(self) -> str:
@@ -127,10 +131,8 @@ def scan_image_folder(
     val_images = _scan_split(layout.val, classes, layout.train) if layout.val else None
     test_images = _scan_split(layout.test, classes, layout.train) if layout.test else {}
     if split_file is not None:
-        found = [train_images, val_images or {}, test_images]
-        return _reuse_split_file(
-            Path(split_file), root, classes, {p for d in found for ps in d.values() for p in ps}
-        )
+        found = {"train": train_images, "val": val_images or {}, "test": test_images}
+        return _reuse_split_file(Path(split_file), root, classes, found)
     if val_images is None:
         train, val = _stratified_split(train_images, classes, val_fraction, seed)
     else:
@@ -292,7 +294,9 @@ def _stratified_split(
     return train, val
 
 
-def _reuse_split_file(split_file: Path, root: Path, classes: list[str], found: set[Path]) -> DatasetSplits:
+def _reuse_split_file(
+    split_file: Path, root: Path, classes: list[str], found: dict[str, dict[str, list[Path]]]
+) -> DatasetSplits:
     data = _read_split_file(split_file)
     if data["classes"] != classes:
         added = sorted(set(classes) - set(data["classes"]))
@@ -306,7 +310,8 @@ def _reuse_split_file(split_file: Path, root: Path, classes: list[str], found: s
         )
     splits = _splits_from_dict(data, root, split_file)
     listed = {s.path for samples in (splits.train, splits.val, splits.test) for s in samples}
-    unlisted = found - listed
+    used = {p for name, images in found.items() if name not in splits.left_out for ps in images.values() for p in ps}
+    unlisted = used - listed
     if unlisted:
         logger.warning(
             "%d images in %s are not in split file %s and are not used (e.g. %s); run without the split "
@@ -354,7 +359,8 @@ def _splits_from_dict(data: dict[str, Any], root: Path, source: Path) -> Dataset
             f"{len(missing)} files listed in split file {source} no longer exist:\n{shown}\n"
             "restore them, or make a new split by running without the split file"
         )
-    return DatasetSplits(root, classes, lists["train"], lists["val"], lists["test"], "file")
+    return DatasetSplits(root, classes, lists["train"], lists["val"], lists["test"], "file",
+                         tuple(str(name) for name in data.get("left_out", [])))
 
 
 def _file_samples(rows: list[Any], root: Path, num_classes: int, source: Path) -> list[Sample]:

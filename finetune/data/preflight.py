@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
@@ -81,7 +81,7 @@ def preflight(
         )
     kept = {name: [s for s in getattr(splits, name) if relative(s.path, splits.root) not in bad]
             for name in ("train", "val", "test")}
-    clean = DatasetSplits(splits.root, splits.classes, kept["train"], kept["val"], kept["test"], splits.split_source)
+    clean = replace(splits, train=kept["train"], val=kept["val"], test=kept["test"])
     _check_every_class_trains(clean, bad)
     excluded = {str(splits.root / PurePosixPath(rel)): f"{f.kind}: {f.message}" for rel, f in bad.items()}
     if excluded:

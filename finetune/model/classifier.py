@@ -55,7 +55,7 @@ def stage_channels(backbone: nn.Module, stages: Sequence[int]) -> list[int]:
     return [backbone.feature_info[i]["num_chs"] for i in stages] + [backbone.num_features]
 
 
-def _top_stages(backbone: nn.Module, count: int) -> list[int]:
+def top_stages(backbone: nn.Module, count: int) -> list[int]:
     n_levels = len(backbone.feature_info)
     if not 1 <= count <= n_levels:
         raise head_stages_error(count, type(backbone).__name__, n_levels)
@@ -74,7 +74,7 @@ class Member(nn.Module):
         backbone.reset_classifier(0)
         self.backbone, self.name = backbone, name
         self.mean, self.std = [float(v) for v in mean], [float(v) for v in std]
-        self.stages = _top_stages(backbone, head_stages) if head_stages else []
+        self.stages = top_stages(backbone, head_stages) if head_stages else []
         self.channels = stage_channels(backbone, self.stages)
         scale = torch.tensor([a / b for a, b in zip(input_std, std, strict=True)])
         shift = torch.tensor([(a - m) / b for a, m, b in zip(input_mean, mean, std, strict=True)])
@@ -119,7 +119,7 @@ class Classifier(nn.Module):
         if members:
             if head not in HEAD_KINDS:
                 raise ValueError(f"head must be 'linear' or 'multistage', got {head!r}")
-            self.head_stages = _top_stages(backbone, head_stages) if head == "multistage" else []
+            self.head_stages = top_stages(backbone, head_stages) if head == "multistage" else []
             backbone.reset_classifier(0)
             channels = stage_channels(backbone, self.head_stages) + [c for m in members for c in m.channels]
             self.multistage = MultiStageHead(channels, num_classes, head_dropout)
@@ -131,7 +131,7 @@ class Classifier(nn.Module):
                 backbone.drop_rate = head_dropout  # timm applies drop_rate before its classifier
             self.multistage = None
         elif head == "multistage":
-            self.head_stages = _top_stages(backbone, head_stages)
+            self.head_stages = top_stages(backbone, head_stages)
             backbone.reset_classifier(0)
             self.multistage = MultiStageHead(stage_channels(backbone, self.head_stages), num_classes, head_dropout)
         else:

@@ -24,7 +24,7 @@ from ..data import ImageFolderDataModule
 from ..device import Device
 from ..distributed import Ranks
 from ..files import atomic_write_bytes
-from ..model.classifier import Classifier, pooled_features, stage_channels
+from ..model.classifier import Classifier, pooled_features, stage_channels, top_stages
 from ..model.frozen_forward import FrozenPass, loader_workers
 from ..model.module import TransferModule, metrics_from_logits
 from ..model.probe import (
@@ -248,7 +248,7 @@ def _wide(classifier: Classifier) -> tuple[list[int], torch.Tensor] | None:
     info = getattr(classifier.backbone, "feature_info", None)
     if classifier.members or not info:
         return None
-    stages = list(range(max(0, len(info) - WIDE_STAGES), len(info)))
+    stages = top_stages(classifier.backbone, min(WIDE_STAGES, len(info)))
     if not set(classifier.head_stages) <= set(stages):
         return None
     widths = stage_channels(classifier.backbone, stages)
@@ -258,7 +258,7 @@ def _wide(classifier: Classifier) -> tuple[list[int], torch.Tensor] | None:
 
 
 def _pass_key(classifier: Classifier, datamodule: ImageFolderDataModule, split: str, runner: FrozenPass,
-              augment: bool, mirror: bool) -> str:
+              augment: bool, mirror: bool, wide: tuple[list[int], torch.Tensor] | None) -> str:
     """What a feature pass depends on: the frozen weights (a sample of every tensor: fine-tuned or other
     pretrained weights differ everywhere), the pooled stages and ensemble members, the transform, the images,
     the backend and, for augmented views, the seed and the view's index."""
@@ -273,7 +273,6 @@ def _pass_key(classifier: Classifier, datamodule: ImageFolderDataModule, split: 
         digest.update(flat[:: max(1, flat.numel() // 32)].float().cpu().numpy().tobytes())
     samples = {"train": datamodule.splits.train, "val": datamodule.splits.val, "test": datamodule.splits.test}[split]
     view = _views_made.get(datamodule, 0) if augment else None
-    wide = _wide(classifier)
     layout = ("top", wide[0]) if wide else (classifier.multistage is not None, classifier.head_stages)
     about = [layout, sorted(datamodule.data_config.items()),
              [str(s.path) for s in samples], [s.label for s in samples], runner.requested, split, mirror,
@@ -289,31 +288,27 @@ def _extract(classifier: Classifier, datamodule: ImageFolderDataModule, split: s
     ``WIDE_STAGES`` stages, computed once, and sliced to the classifier's head layout."""
     if _remembered is None or datamodule.ranks.distributed:
         return _compute(classifier, datamodule, split, runner, step, augment=augment, mirror=mirror)
-    key = _pass_key(classifier, datamodule, split, runner, augment, mirror)
+    wide = _wide(classifier)
+    key = _pass_key(classifier, datamodule, split, runner, augment, mirror, wide)
     if augment:
         _views_made[datamodule] = _views_made.get(datamodule, 0) + 1
-    wide = _wide(classifier)
     stored = _stored_in / f"{key}.safetensors" if _stored_in is not None else None
-    if key not in _remembered and stored is not None and stored.is_file():
-        read = _read_pass(stored)
-        if read is not None:
-            _remembered[key] = read
-            if step is not None:
-                step(len(read.labels) + len(read.skipped))
-            step = None
-    if key not in _remembered:
+    found = _remembered.get(key)
+    if found is None and stored is not None and stored.is_file():
+        found = _read_pass(stored)
+    if found is None:
         if wide:
             if classifier not in _wide_runners:
                 _wide_runners[classifier] = FrozenPass(_TopStages(classifier.backbone, wide[0]),
                                                        backend=runner.requested, device=runner.device,
                                                        **runner.options)
             runner = _wide_runners[classifier]
-        _remembered[key] = _compute(classifier, datamodule, split, runner, step, augment=augment, mirror=mirror)
+        found = _compute(classifier, datamodule, split, runner, step, augment=augment, mirror=mirror)
         if stored is not None:
-            _write_pass(stored, _remembered[key])
+            _write_pass(stored, found)
     elif step is not None:
-        step(len(_remembered[key].labels) + len(_remembered[key].skipped))
-    found = _remembered[key]
+        step(len(found.labels) + len(found.skipped))
+    _remembered[key] = found
     return dataclasses.replace(found, features=found.features[:, wide[1]]) if wide else found
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections import Counter
@@ -154,6 +155,25 @@ def test_split_file_warns_about_new_images(
     with caplog.at_level(logging.WARNING, logger="finetune.data"):
         again = scan_image_folder(root, split_file=split_file)
     assert again.train == first.train and "not in split file" in caplog.text
+
+
+def test_a_split_left_out_on_purpose_is_not_warned_about(
+    tmp_path: Path,
+    make_class_folder: MakeFolder,
+    write_png: Callable[..., Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    root = make_class_folder(tmp_path / "ds" / "train", {"a": 4, "b": 4}).parent
+    for name in ("a", "b"):
+        write_png(root / "test" / name / "t.png")
+    first = scan_image_folder(root)
+    assert len(first.test) == 2
+    split_file = dataclasses.replace(first, test=[], left_out=("test",)).save(tmp_path / "split.json")
+    write_png(root / "train" / "a" / "new.png")
+    with caplog.at_level(logging.WARNING, logger="finetune.data"):
+        again = scan_image_folder(root, split_file=split_file)
+    assert again.test == [] and again.left_out == ("test",)
+    assert "1 images in" in caplog.text and "train/a/new.png" in caplog.text  # a new training image still is
 
 
 def test_bad_split_files(tmp_path: Path, make_class_folder: MakeFolder) -> None:
